@@ -1,0 +1,205 @@
+"""One frozen dataclass that describes every architecture llmcli runs.
+
+Variants are fields with closed sets of values, never subclasses: the same fields
+describe a model trained here and Marian, BART, T5, GPT-2 or Llama checkpoints.
+config.json stores these fields and nothing else; unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from llmcli.errors import UserError
+
+Architecture = Literal["encoder-decoder", "decoder-only"]
+Activation = Literal["relu", "gelu", "gelu_tanh", "silu"]
+Norm = Literal["layernorm", "rmsnorm"]
+NormPosition = Literal["pre", "post"]
+Positions = Literal["sinusoidal", "learned", "rope", "relative"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: Architecture = "encoder-decoder"
+    vocab_size: int = 8000  # source vocabulary (or the only one)
+    tgt_vocab_size: int | None = None  # None: same vocabulary as the source
+    d_model: int = 512
+    n_heads: int = 8
+    n_kv_heads: int | None = None  # grouped-query attention (Llama); None: n_heads
+    n_encoder_layers: int = 6  # 0 for decoder-only
+    n_decoder_layers: int = 6
+    d_ff: int = 2048
+    activation: Activation = "relu"
+    glu: bool = False  # gated FFN: act(x W_gate) * (x W_up); silu + glu is SwiGLU, gelu_tanh + glu is T5 v1.1
+    norm: Norm = "layernorm"
+    norm_position: NormPosition = "pre"
+    norm_eps: float = 1e-5
+    embedding_norm: bool = False  # a norm right after the embeddings (BART, mBART)
+    final_norm: bool = True  # a norm after the last layer of each stack (pre-norm models)
+    positions: Positions = "sinusoidal"
+    max_positions: int = 512
+    position_offset: int = 0  # BART's learned positions start at index 2
+    rope_theta: float = 10000.0
+    relative_buckets: int = 32  # T5 relative-position buckets
+    relative_max_distance: int = 128
+    attention_scale: float | None = None  # None: 1/sqrt(head_dim); T5 folds it into its weights (1.0)
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    scale_embeddings: bool = False  # multiply embeddings by sqrt(d_model) (Vaswani et al., Marian)
+    shared_embeddings: bool = True  # encoder and decoder share one embedding matrix
+    tied_output: bool = True  # output projection is the decoder embedding matrix
+    logits_scale: float = 1.0  # T5 v1 scales the tied output by d_model**-0.5
+    final_logits_bias: bool = False  # a learned/loaded bias on the logits (BART, Marian)
+    bias: bool = True  # biases in attention and FFN projections (GPT-2, BART yes; Llama, T5 no)
+    pad_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+    decoder_start_id: int | None = None  # first decoder token; None: bos_id
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            _check_type(field.name, getattr(self, field.name), _field_types()[field.name])
+        positive = ["vocab_size", "d_model", "n_heads", "d_ff", "max_positions", "n_decoder_layers"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise UserError(f"config: {name}={getattr(self, name)} must be positive")
+        if self.d_model % self.n_heads:
+            raise UserError(f"config: n_heads={self.n_heads} does not divide d_model={self.d_model}")
+        if self.n_kv_heads is not None and (self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads):
+            raise UserError(f"config: n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+        if self.architecture == "decoder-only":
+            if self.n_encoder_layers != 0:
+                raise UserError(f"config: a decoder-only model has n_encoder_layers=0, not {self.n_encoder_layers}")
+            if self.tgt_vocab_size not in (None, self.vocab_size):
+                raise UserError("config: a decoder-only model has one vocabulary; leave tgt_vocab_size unset")
+        elif self.n_encoder_layers <= 0:
+            raise UserError(f"config: n_encoder_layers={self.n_encoder_layers} must be positive for an encoder-decoder")
+        if self.shared_embeddings and self.architecture == "encoder-decoder" and self.tgt_vocab_size not in (
+            None,
+            self.vocab_size,
+        ):
+            raise UserError(
+                f"config: shared_embeddings needs one vocabulary, but vocab_size={self.vocab_size} "
+                f"and tgt_vocab_size={self.tgt_vocab_size}"
+            )
+        if self.positions == "rope" and self.head_dim % 2:
+            raise UserError(f"config: rope needs an even head_dim, not {self.head_dim}")
+        if self.positions == "sinusoidal" and self.d_model % 2:
+            raise UserError(f"config: sinusoidal positions need an even d_model, not {self.d_model}")
+        if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.attention_dropout < 1.0:
+            raise UserError(f"config: dropout={self.dropout}, attention_dropout={self.attention_dropout} must be in [0, 1)")
+        for name in ("pad_id", "bos_id", "eos_id"):
+            if not 0 <= getattr(self, name) < self.output_vocab_size:
+                raise UserError(f"config: {name}={getattr(self, name)} is outside the vocabulary of {self.output_vocab_size}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def output_vocab_size(self) -> int:
+        return self.tgt_vocab_size or self.vocab_size
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.architecture == "encoder-decoder"
+
+    @property
+    def start_id(self) -> int:
+        return self.bos_id if self.decoder_start_id is None else self.decoder_start_id
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> "ModelConfig":
+        if not isinstance(data, dict):
+            raise UserError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(f"{source}: unknown field(s) {', '.join(unknown)}")
+        try:
+            return cls(**data)
+        except UserError as e:
+            raise UserError(f"{source}: {str(e).removeprefix('config: ')}") from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "config.json") -> "ModelConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{source}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        return cls.from_dict(data, source)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UserError(f"{path}: no such file") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: cannot read ({e})") from None
+        return cls.from_json(text, str(path))
+
+
+def _field_types() -> dict[str, object]:
+    return typing.get_type_hints(ModelConfig)
+
+
+def _check_type(name: str, value: object, hint: object) -> None:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is Literal:
+        if value not in args:
+            raise UserError(f"config: {name}={value!r} is not one of {', '.join(map(repr, args))}")
+        return
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return
+        hint = next(a for a in args if a is not type(None))
+    ok = {
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        bool: isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(hint, True)
+    if not ok:
+        raise UserError(f"config: {name}={value!r} should be of type {getattr(hint, '__name__', hint)}")
+
+
+# Presets for training from scratch. "base" is the Transformer-base of Vaswani et al. (2017),
+# pre-norm as most current training recipes use, since it trains stably without long warmup.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(d_model=128, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, d_ff=512, dropout=0.1),
+    "small": dict(d_model=256, n_heads=4, n_encoder_layers=3, n_decoder_layers=3, d_ff=1024, dropout=0.1),
+    "base": dict(d_model=512, n_heads=8, n_encoder_layers=6, n_decoder_layers=6, d_ff=2048, dropout=0.1),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    fields = dict(PRESETS[name])
+    if overrides.get("architecture") == "decoder-only":
+        fields["n_decoder_layers"] = fields["n_encoder_layers"] + fields["n_decoder_layers"]
+        fields["n_encoder_layers"] = 0
+        fields.setdefault("positions", "rope")
+    fields.update(overrides)
+    return ModelConfig(**fields)

@@ -1,0 +1,170 @@
+"""Reading lines, writing files atomically, and the stderr channel for warnings.
+
+Text is UTF-8 whatever the locale. Invalid bytes are replaced (U+FFFD) with one
+warning per stream naming the first bad line, never a crash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import IO, Iterator
+
+from llmcli.errors import UserError
+
+STDIN_NAME = "-"
+
+
+class _Settings:
+    quiet = False
+
+
+settings = _Settings()
+
+
+def warn(message: str) -> None:
+    """A warning on stderr, unless --quiet."""
+    if not settings.quiet:
+        print(f"llmcli: warning: {message}", file=sys.stderr, flush=True)
+
+
+def info(message: str) -> None:
+    """A progress or status line on stderr, unless --quiet."""
+    if not settings.quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _display_name(path: str | os.PathLike | None) -> str:
+    return "<stdin>" if path in (None, STDIN_NAME) else str(path)
+
+
+def _open_binary(path: str | os.PathLike | None) -> IO[bytes]:
+    if path in (None, STDIN_NAME):
+        return sys.stdin.buffer
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{p} is a directory, not a text file")
+    try:
+        return open(p, "rb")
+    except FileNotFoundError:
+        raise UserError(f"{p}: no such file") from None
+    except PermissionError:
+        raise UserError(f"{p}: permission denied") from None
+    except OSError as e:
+        raise UserError(f"{p}: cannot read ({e.strerror})") from None
+
+
+def iter_lines(path: str | os.PathLike | None) -> Iterator[str]:
+    """Yield the lines of a file (or stdin for None / '-') without their line ends.
+
+    Lazy, so a million-line file is read in bounded memory.
+    """
+    name = _display_name(path)
+    stream = _open_binary(path)
+    warned = False
+    try:
+        for number, raw in enumerate(stream, start=1):
+            if raw.endswith(b"\n"):
+                raw = raw[:-1]
+                if raw.endswith(b"\r"):
+                    raw = raw[:-1]
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                line = raw.decode("utf-8", errors="replace")
+                if not warned:
+                    warn(f"{name}:{number}: invalid UTF-8 replaced with U+FFFD (further lines not reported)")
+                    warned = True
+            if number == 1 and line.startswith("\ufeff"):
+                line = line[1:]
+            yield line
+    finally:
+        if stream is not sys.stdin.buffer:
+            stream.close()
+
+
+def read_lines(path: str | os.PathLike | None) -> list[str]:
+    return list(iter_lines(path))
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A whole file as text (e.g. JSON), invalid UTF-8 being a user error."""
+    stream = _open_binary(path)
+    try:
+        data = stream.read()
+    finally:
+        if stream is not sys.stdin.buffer:
+            stream.close()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{_display_name(path)}: not valid UTF-8 (byte {e.start})") from None
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """Write to a temporary file beside `path`, then rename over it.
+
+    A crash or Ctrl-C leaves either the old file or the complete new one, never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, default_file_mode())
+    try:
+        kwargs = {"encoding": "utf-8", "newline": "\n"} if "b" not in mode else {}
+        with os.fdopen(fd, mode, **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def default_file_mode() -> int:
+    """0o666 less the umask: what open() would have given (mkstemp gives 0o600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_write(path, "wb") as f:
+        f.write(data)
+
+
+class LineWriter:
+    """Writes whole lines to stdout or a file; flushes per line on a terminal."""
+
+    def __init__(self, stream: IO[str]):
+        self.stream = stream
+        self.interactive = stream.isatty() if hasattr(stream, "isatty") else False
+
+    def write(self, line: str) -> None:
+        # A newline inside an output would break the one-line-per-input contract.
+        self.stream.write(line.replace("\r", " ").replace("\n", " ") + "\n")
+        if self.interactive:
+            self.stream.flush()
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+@contextlib.contextmanager
+def output_lines(path: str | os.PathLike | None) -> Iterator[LineWriter]:
+    """Lines to stdout (None or '-') or atomically to a file."""
+    if path in (None, STDIN_NAME):
+        writer = LineWriter(sys.stdout)
+        try:
+            yield writer
+        finally:
+            writer.flush()
+    else:
+        with atomic_write(path) as f:
+            yield LineWriter(f)

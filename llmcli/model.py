@@ -1,0 +1,433 @@
+"""The Transformer: attention, blocks, encoder, decoder, key/value cache.
+
+One `Transformer` class covers encoder-decoder and decoder-only models; every
+architectural variant is a `ModelConfig` field, decided when modules are built.
+
+Shapes: B batch, T target/query length, S key length, H heads, D head dim, V vocab.
+
+Decoding talks to the model through `step(tokens, cache) -> logits` only
+(see llmcli.decoding). In the first call a row may be left-padded with -1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmcli.config import ModelConfig
+
+PAD_TOKEN = -1  # marks left padding in tokens passed to `step`
+
+
+# ---------------------------------------------------------------- building blocks
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019), as in T5 and Llama: no mean, no bias."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Computed in float32 as T5 and Llama do, so half precision does not overflow.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
+ACTIVATIONS = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+}
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias) if cfg.glu else None
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.act = ACTIVATIONS[cfg.activation]
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate is not None:
+            h = self.act(self.gate(x)) * self.up(x)
+        else:
+            h = self.act(self.up(x))
+        return self.down(self.dropout(h))
+
+
+def sinusoidal_table(n_positions: int, dim: int) -> torch.Tensor:
+    """Vaswani et al. (2017) positions, laid out [sin | cos] as fairseq, Marian and tensor2tensor do."""
+    inv_freq = torch.pow(10000.0, -torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (D/2,)
+    angles = torch.arange(n_positions, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).float()  # (P, dim)
+
+
+def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (B, 1, T, D) for rotary embeddings (Su et al. 2021), in the
+    rotate-half layout that Hugging Face Llama checkpoints use."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.float()[..., None] * inv_freq  # (B, T, D/2)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, D)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos.to(x.dtype)) + (rotated * sin.to(x.dtype))
+
+
+def relative_position_bucket(relative: torch.Tensor, bidirectional: bool, n_buckets: int, max_distance: int) -> torch.Tensor:
+    """T5's buckets (Raffel et al. 2020): exact for small distances, logarithmic up to max_distance."""
+    buckets = torch.zeros_like(relative)
+    if bidirectional:
+        n_buckets //= 2
+        buckets = buckets + (relative > 0).long() * n_buckets
+        relative = relative.abs()
+    else:
+        relative = -torch.clamp(relative, max=0)
+    max_exact = n_buckets // 2
+    is_small = relative < max_exact
+    large = max_exact + (
+        torch.log(relative.float().clamp(min=1) / max_exact) / math.log(max_distance / max_exact) * (n_buckets - max_exact)
+    ).long()
+    large = torch.clamp(large, max=n_buckets - 1)
+    return buckets + torch.where(is_small, relative, large)
+
+
+class RelativeBias(nn.Module):
+    """A learned per-head bias indexed by relative-position bucket, shared by all layers of a stack (T5)."""
+
+    def __init__(self, cfg: ModelConfig, bidirectional: bool):
+        super().__init__()
+        self.cfg = cfg
+        self.bidirectional = bidirectional
+        self.embedding = nn.Embedding(cfg.relative_buckets, cfg.n_heads)
+
+    def forward(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        # q_pos (B, T), k_pos (B, S) -> bias (B, H, T, S)
+        relative = k_pos[:, None, :] - q_pos[:, :, None]
+        buckets = relative_position_bucket(relative, self.bidirectional, self.cfg.relative_buckets, self.cfg.relative_max_distance)
+        return self.embedding(buckets).permute(0, 3, 1, 2)
+
+
+# ---------------------------------------------------------------- attention
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.d_model, self.n_kv_heads * cfg.head_dim, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.d_model, self.n_kv_heads * cfg.head_dim, bias=cfg.bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.bias)
+        self.scale = cfg.attention_scale
+        self.dropout = cfg.attention_dropout
+
+    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, n, self.head_dim).transpose(1, 2)  # (B, n, T, D)
+
+    def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._heads(self.k_proj(x), self.n_kv_heads), self._heads(self.v_proj(x), self.n_kv_heads)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, d)
+        mask: torch.Tensor | None,  # bool (B, 1, T, S), True = attend; or float bias (B, H, T, S)
+        *,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,  # precomputed (cross-attention)
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,  # cached self-attention keys/values
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        q = self._heads(self.q_proj(x), self.n_heads)  # (B, H, T, D)
+        if kv is None:
+            k, v = self.project_kv(x)
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            if past is not None:
+                k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, Hkv, S, D)
+        else:
+            k, v = kv
+        new_kv = (k, v)
+        if self.n_kv_heads != self.n_heads:
+            repeat = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal and mask is None,
+            scale=self.scale,
+        )  # (B, H, T, D)
+        B, _, T, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), new_kv
+
+
+class Block(nn.Module):
+    """Self-attention, optional cross-attention, feed-forward; each with a residual and a norm."""
+
+    def __init__(self, cfg: ModelConfig, cross_attention: bool):
+        super().__init__()
+        self.pre_norm = cfg.norm_position == "pre"
+        self.self_attn = Attention(cfg)
+        self.self_attn_norm = make_norm(cfg)
+        self.cross_attn = Attention(cfg) if cross_attention else None
+        self.cross_attn_norm = make_norm(cfg) if cross_attention else None
+        self.ffn = FeedForward(cfg)
+        self.ffn_norm = make_norm(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def _residual(self, x, norm, sublayer):
+        if self.pre_norm:
+            return x + self.dropout(sublayer(norm(x)))
+        return norm(x + self.dropout(sublayer(x)))
+
+    def forward(self, x, self_mask, *, past=None, rope=None, is_causal=False, memory_kv=None, memory_mask=None):
+        new_kv = None
+
+        def self_attention(h):
+            nonlocal new_kv
+            out, new_kv = self.self_attn(h, self_mask, past=past, rope=rope, is_causal=is_causal)
+            return out
+
+        x = self._residual(x, self.self_attn_norm, self_attention)
+        if self.cross_attn is not None:
+            x = self._residual(x, self.cross_attn_norm, lambda h: self.cross_attn(h, memory_mask, kv=memory_kv)[0])
+        x = self._residual(x, self.ffn_norm, self.ffn)
+        return x, new_kv
+
+
+# ---------------------------------------------------------------- stacks
+
+
+class Stack(nn.Module):
+    """Embeddings, positions, layers and final norm: the encoder, or the decoder."""
+
+    def __init__(self, cfg: ModelConfig, embed_tokens: nn.Embedding, is_decoder: bool):
+        super().__init__()
+        self.cfg = cfg
+        self.is_decoder = is_decoder
+        self.embed_tokens = embed_tokens
+        self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embeddings else 1.0
+        if cfg.positions == "learned":
+            self.embed_positions = nn.Embedding(cfg.max_positions + cfg.position_offset, cfg.d_model)
+        elif cfg.positions == "sinusoidal":
+            self.register_buffer("sinusoids", sinusoidal_table(cfg.max_positions, cfg.d_model), persistent=False)
+        self.relative_bias = RelativeBias(cfg, bidirectional=not is_decoder) if cfg.positions == "relative" else None
+        self.embedding_norm = make_norm(cfg) if cfg.embedding_norm else None
+        cross = is_decoder and cfg.is_encoder_decoder
+        n_layers = cfg.n_decoder_layers if is_decoder else cfg.n_encoder_layers
+        self.layers = nn.ModuleList(Block(cfg, cross_attention=cross) for _ in range(n_layers))
+        self.final_norm = make_norm(cfg) if cfg.final_norm else None
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if self.cfg.positions in ("learned", "sinusoidal"):
+            top = int(positions.max()) if positions.numel() else 0
+            if top >= self.cfg.max_positions:
+                raise ValueError(f"position {top} is past max_positions={self.cfg.max_positions}; inputs must be truncated first")
+        x = self.embed_tokens(tokens) * self.embed_scale
+        if self.cfg.positions == "learned":
+            x = x + self.embed_positions(positions + self.cfg.position_offset)
+        elif self.cfg.positions == "sinusoidal":
+            x = x + self.sinusoids[positions].to(x.dtype)
+        if self.embedding_norm is not None:
+            x = self.embedding_norm(x)
+        return self.dropout(x)
+
+    def rope(self, positions: torch.Tensor):
+        if self.cfg.positions != "rope":
+            return None
+        return rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta)
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return self.dropout(x)
+
+
+def _with_bias(mask: torch.Tensor | None, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Combine a boolean mask with an additive relative-position bias into one float mask."""
+    if bias is None:
+        return mask
+    bias = bias.to(dtype)
+    if mask is None:
+        return bias
+    return bias.masked_fill(~mask, torch.finfo(dtype).min)
+
+
+class KVCache:
+    """Per-layer self-attention keys/values, cross-attention keys/values computed once,
+    and per-row bookkeeping (which key slots are real, how many real tokens so far)."""
+
+    def __init__(self, n_layers: int, batch_size: int, device: torch.device):
+        self.self_kv: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
+        self.cross_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.memory_mask: torch.Tensor | None = None  # (B, 1, 1, S_src) bool
+        self.memory_positions: torch.Tensor | None = None  # (B, S_src), for relative cross bias (unused: T5 has none)
+        self.key_valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)  # (B, S)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) real tokens so far
+
+    @property
+    def batch_size(self) -> int:
+        return self.lengths.shape[0]
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep rows `index` in that order (beam expansion, beam reordering, finished rows leaving)."""
+        index = index.to(self.lengths.device)
+        self.self_kv = [None if kv is None else (kv[0].index_select(0, index), kv[1].index_select(0, index)) for kv in self.self_kv]
+        if self.cross_kv is not None:
+            self.cross_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cross_kv]
+            self.memory_mask = self.memory_mask.index_select(0, index)
+        self.key_valid = self.key_valid.index_select(0, index)
+        self.lengths = self.lengths.index_select(0, index)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        tgt_embed = nn.Embedding(cfg.output_vocab_size, cfg.d_model)
+        if cfg.is_encoder_decoder:
+            src_embed = tgt_embed if cfg.shared_embeddings else nn.Embedding(cfg.vocab_size, cfg.d_model)
+            self.encoder = Stack(cfg, src_embed, is_decoder=False)
+        else:
+            self.encoder = None
+        self.decoder = Stack(cfg, tgt_embed, is_decoder=True)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.output_vocab_size, bias=False)
+        if cfg.tied_output:
+            self.lm_head.weight = tgt_embed.weight
+        if cfg.final_logits_bias:
+            self.register_buffer("final_logits_bias", torch.zeros(1, cfg.output_vocab_size))
+        else:
+            self.final_logits_bias = None
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            # With sqrt(d_model) scaling the embeddings start at unit scale after it.
+            std = self.cfg.d_model**-0.5 if self.cfg.scale_embeddings else 0.02
+            nn.init.normal_(module.weight, std=std)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = self.lm_head(hidden * self.cfg.logits_scale if self.cfg.logits_scale != 1.0 else hidden)
+        if self.final_logits_bias is not None:
+            out = out + self.final_logits_bias.to(out.dtype)
+        return out
+
+    # ------------------------------------------------------------ full-sequence passes (training, scoring)
+
+    def encode(self, src: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
+        """src (B, S) token ids, src_mask (B, S) True for real tokens -> memory (B, S, d)."""
+        enc = self.encoder
+        positions = torch.arange(src.shape[1], device=src.device).expand_as(src)
+        x = enc.embed(src, positions)
+        mask = src_mask[:, None, None, :]  # (B, 1, 1, S)
+        bias = enc.relative_bias(positions, positions) if enc.relative_bias is not None else None
+        mask = _with_bias(mask, bias, x.dtype)
+        rope = enc.rope(positions)
+        for layer in enc.layers:
+            x, _ = layer(x, mask, rope=rope)
+        return enc.finish(x)
+
+    def _decode_full(self, tokens: torch.Tensor, memory=None, memory_mask=None) -> torch.Tensor:
+        dec = self.decoder
+        T = tokens.shape[1]
+        positions = torch.arange(T, device=tokens.device).expand_as(tokens)
+        x = dec.embed(tokens, positions)
+        mask, is_causal = None, True
+        if dec.relative_bias is not None:
+            causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()[None, None]
+            mask, is_causal = _with_bias(causal, dec.relative_bias(positions[:1], positions[:1]), x.dtype), False
+        rope = dec.rope(positions[:1])
+        cross_mask = memory_mask[:, None, None, :] if memory_mask is not None else None
+        for layer in dec.layers:
+            memory_kv = layer.cross_attn.project_kv(memory) if memory is not None else None
+            x, _ = layer(x, mask, rope=rope, is_causal=is_causal, memory_kv=memory_kv, memory_mask=cross_mask)
+        return dec.finish(x)
+
+    def forward(self, tokens: torch.Tensor, src: torch.Tensor | None = None, src_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced logits (B, T, V) for right-padded decoder input `tokens`.
+
+        Right padding needs no mask on the decoder side: causal attention keeps real
+        positions from seeing the pads after them, and the loss ignores the pads.
+        """
+        if self.cfg.is_encoder_decoder:
+            if src is None or src_mask is None:
+                raise ValueError("an encoder-decoder model needs src and src_mask")
+            memory = self.encode(src, src_mask)
+            return self.logits(self._decode_full(tokens, memory, src_mask))
+        return self.logits(self._decode_full(tokens))
+
+    # ------------------------------------------------------------ incremental decoding
+
+    def new_cache(self, batch_size: int, memory: torch.Tensor | None = None, src_mask: torch.Tensor | None = None) -> KVCache:
+        cache = KVCache(len(self.decoder.layers), batch_size, self.device)
+        if self.cfg.is_encoder_decoder:
+            if memory is None or src_mask is None:
+                raise ValueError("an encoder-decoder cache needs the encoder memory and its mask")
+            cache.cross_kv = [layer.cross_attn.project_kv(memory) for layer in self.decoder.layers]
+            cache.memory_mask = src_mask[:, None, None, :]
+        return cache
+
+    def step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Feed tokens (B, T) (-1 = left padding), extend the cache, return last-position logits (B, V)."""
+        dec = self.decoder
+        valid = tokens != PAD_TOKEN  # (B, T)
+        tokens = tokens.clamp(min=0)
+        B, T = tokens.shape
+        positions = (cache.lengths[:, None] + valid.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
+        S_prev = cache.key_valid.shape[1]
+        cache.key_valid = torch.cat([cache.key_valid, valid], dim=1)  # (B, S)
+        cache.lengths = cache.lengths + valid.long().sum(1)
+        S = S_prev + T
+
+        x = dec.embed(tokens, positions)
+        if T == 1 and dec.relative_bias is None and bool(cache.key_valid.all()):
+            mask = None  # the common decoding step: one new token, nothing to hide
+        else:
+            slots = torch.arange(S, device=tokens.device)
+            causal = slots[None, :] <= (S_prev + torch.arange(T, device=tokens.device))[:, None]  # (T, S)
+            diagonal = slots[None, :] == (S_prev + torch.arange(T, device=tokens.device))[:, None]
+            # A padding query attends to itself only, so no row of the mask is empty (SDPA would give NaN).
+            mask = ((causal[None] & cache.key_valid[:, None, :]) | diagonal[None])[:, None]  # (B, 1, T, S)
+            if dec.relative_bias is not None:
+                key_positions = (cache.key_valid.long().cumsum(1) - 1).clamp(min=0)  # (B, S)
+                mask = _with_bias(mask, dec.relative_bias(positions, key_positions), x.dtype)
+        rope = dec.rope(positions)
+        for i, layer in enumerate(dec.layers):
+            memory_kv = cache.cross_kv[i] if cache.cross_kv is not None else None
+            x, cache.self_kv[i] = layer(x, mask, past=cache.self_kv[i], rope=rope, memory_kv=memory_kv, memory_mask=cache.memory_mask)
+        return self.logits(dec.finish(x[:, -1:]))[:, 0].float()

@@ -1,0 +1,144 @@
+import pytest
+import torch
+
+from llmcli.config import ModelConfig
+from llmcli.model import PAD_TOKEN, Transformer
+
+BASE = dict(
+    vocab_size=50, d_model=32, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, d_ff=64, max_positions=64, dropout=0.0
+)
+
+# One entry per axis of variation, plus the combinations real families use.
+VARIANTS = {
+    "vaswani": dict(),
+    "post-norm": dict(norm_position="post", final_norm=False),
+    "learned-bart": dict(positions="learned", position_offset=2, embedding_norm=True, activation="gelu", final_logits_bias=True),
+    "rope-gqa-swiglu": dict(positions="rope", n_kv_heads=2, activation="silu", glu=True, norm="rmsnorm", bias=False),
+    "t5-relative": dict(positions="relative", relative_buckets=8, relative_max_distance=16, norm="rmsnorm", bias=False,
+                        attention_scale=1.0, activation="gelu_tanh", glu=True, logits_scale=32**-0.5),
+    "separate-vocab": dict(tgt_vocab_size=40, shared_embeddings=False, tied_output=False, scale_embeddings=True),
+}
+
+
+def build(arch: str, **fields) -> Transformer:
+    kw = dict(BASE, **fields)
+    if arch == "decoder-only":
+        kw.update(architecture="decoder-only", n_encoder_layers=0)
+        kw.pop("tgt_vocab_size", None)
+        kw["shared_embeddings"] = True
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(**kw)).eval()
+
+
+def random_src(model, B=3, S=7):
+    g = torch.Generator().manual_seed(1)
+    src = torch.randint(4, model.cfg.vocab_size, (B, S), generator=g)
+    lengths = torch.tensor([S, S - 3, 2])[:B]
+    mask = torch.arange(S)[None, :] < lengths[:, None]
+    return src.masked_fill(~mask, model.cfg.pad_id), mask
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("arch", ["encoder-decoder", "decoder-only"])
+def test_incremental_decoding_matches_full_forward(arch, variant):
+    model = build(arch, **VARIANTS[variant])
+    V = model.cfg.output_vocab_size
+    tokens = torch.randint(4, V, (3, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        if arch == "encoder-decoder":
+            src, src_mask = random_src(model)
+            full = model(tokens, src, src_mask)
+            cache = model.new_cache(3, model.encode(src, src_mask), src_mask)
+        else:
+            full = model(tokens)
+            cache = model.new_cache(3)
+        # Prime with a 3-token chunk, then one token at a time.
+        steps = [model.step(tokens[:, :3], cache)]
+        for t in range(3, tokens.shape[1]):
+            steps.append(model.step(tokens[:, t : t + 1], cache))
+    incremental = torch.stack(steps, 1)  # (B, 7, V)
+    torch.testing.assert_close(incremental, full[:, 2:], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_left_padded_prompts_match_unpadded(variant):
+    model = build("decoder-only", **VARIANTS[variant])
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    width = max(map(len, prompts))
+    batch = torch.tensor([[PAD_TOKEN] * (width - len(p)) + p for p in prompts])
+    with torch.no_grad():
+        cache = model.new_cache(3)
+        batched = [model.step(batch, cache)]
+        nxt = torch.tensor([[20], [21], [22]])
+        batched.append(model.step(nxt, cache))
+        for i, p in enumerate(prompts):
+            alone = model.new_cache(1)
+            first = model.step(torch.tensor([p]), alone)
+            second = model.step(nxt[i : i + 1], alone)
+            torch.testing.assert_close(batched[0][i], first[0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(batched[1][i], second[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_source_padding_does_not_leak_across_batch(variant):
+    model = build("encoder-decoder", **VARIANTS[variant])
+    src, src_mask = random_src(model)
+    tgt = torch.randint(4, model.cfg.output_vocab_size, (3, 5), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        batched = model(tgt, src, src_mask)
+        for i in range(3):
+            n = int(src_mask[i].sum())
+            alone = model(tgt[i : i + 1], src[i : i + 1, :n], src_mask[i : i + 1, :n])
+            torch.testing.assert_close(batched[i : i + 1], alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("arch", ["encoder-decoder", "decoder-only"])
+def test_causal_mask_future_tokens_never_change_earlier_logits(arch, variant):
+    model = build(arch, **VARIANTS[variant])
+    tokens = torch.randint(4, model.cfg.output_vocab_size, (2, 8), generator=torch.Generator().manual_seed(4))
+    changed = tokens.clone()
+    changed[:, 5:] = (changed[:, 5:] + 1) % model.cfg.output_vocab_size
+    args = random_src(model, B=2) if arch == "encoder-decoder" else ()
+    with torch.no_grad():
+        a, b = model(tokens, *args), model(changed, *args)
+    torch.testing.assert_close(a[:, :5], b[:, :5], atol=1e-6, rtol=0)
+    assert not torch.allclose(a[:, 5:], b[:, 5:])
+
+
+def test_cache_select_reorders_rows():
+    model = build("encoder-decoder")
+    src, src_mask = random_src(model)
+    tokens = torch.full((3, 1), model.cfg.start_id)
+    with torch.no_grad():
+        cache = model.new_cache(3, model.encode(src, src_mask), src_mask)
+        model.step(tokens, cache)
+        cache.select(torch.tensor([2, 2, 0]))
+        out = model.step(torch.tensor([[7], [7], [7]]), cache)
+        ref = model.new_cache(3, model.encode(src, src_mask), src_mask)
+        model.step(tokens, ref)
+        expected = model.step(torch.tensor([[7], [7], [7]]), ref)
+    torch.testing.assert_close(out, expected[[2, 2, 0]], atol=1e-6, rtol=0)
+
+
+def test_tiny_model_overfits_a_tiny_batch():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**BASE))
+    src = torch.randint(4, 50, (4, 6))
+    src_mask = torch.ones_like(src, dtype=torch.bool)
+    tgt = torch.randint(4, 50, (4, 7))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        logits = model(tgt[:, :-1], src, src_mask)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 50), tgt[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05
+
+
+def test_tied_parameters_are_one_tensor():
+    model = build("encoder-decoder")
+    assert model.lm_head.weight is model.decoder.embed_tokens.weight is model.encoder.embed_tokens.weight
+    untied = build("encoder-decoder", **VARIANTS["separate-vocab"])
+    assert untied.lm_head.weight.shape == (40, 32) and untied.encoder.embed_tokens.weight.shape == (50, 32)
