@@ -1,0 +1,189 @@
+"""Model directories: config.json + model.safetensors + tokenizer.json (+ generation.json).
+
+Every file is written atomically (temporary file, then rename), so a crash leaves the
+previous file or the new one. Loading checks everything and fails with one line naming
+the problem. Nothing is ever unpickled: weights are safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from llmcli.config import ModelConfig
+from llmcli.errors import UserError
+from llmcli.io import atomic_write, default_file_mode
+from llmcli.model import Transformer
+from llmcli.tokenizer import Tokenizer
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"  # the shared tokenizer, or the target side's
+SOURCE_TOKENIZER_FILE = "source_tokenizer.json"  # only when source and target vocabularies differ
+GENERATION_FILE = "generation.json"  # the task and decoding defaults
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    tokenizer: Tokenizer  # target side (or the only one)
+    source_tokenizer: Tokenizer  # the same object when the vocabulary is shared
+    generation: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.cfg
+
+
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters (each tied tensor once, under its first name) and persistent buffers."""
+    tensors = {name: p.detach() for name, p in model.named_parameters()}
+    persistent = model.state_dict(keep_vars=True)
+    for name, b in model.named_buffers():
+        if name in persistent:
+            tensors[name] = b.detach()
+    return tensors
+
+
+def save_weights(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    os.chmod(tmp, default_file_mode())
+    try:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _describe_foreign(path: Path) -> str:
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        return "it looks like a PyTorch pickle; llmcli never unpickles model files (convert it with `llmcli convert`)"
+    return "not a safetensors file"
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        size = path.stat().st_size
+        if size < 8:
+            raise UserError(f"{path}: truncated ({size} bytes)") from None
+        detail = _describe_foreign(path)
+        if detail == "not a safetensors file":
+            detail = f"corrupt or truncated safetensors ({str(e).splitlines()[0]})"
+        raise UserError(f"{path}: {detail}") from None
+
+
+def load_state_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Fill every parameter and persistent buffer, or fail once naming every mismatch."""
+    expected = model_tensors(model)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong_shape = [
+        f"{n} {tuple(tensors[n].shape)} != {tuple(expected[n].shape)}"
+        for n in sorted(set(expected) & set(tensors))
+        if tuple(tensors[n].shape) != tuple(expected[n].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_names(unexpected)}")
+    if wrong_shape:
+        problems.append(f"shape mismatch {_names(wrong_shape)}")
+    if problems:
+        raise UserError(f"{source}: weights do not fit the config: {'; '.join(problems)}")
+    with torch.no_grad():
+        for name, target in expected.items():
+            target.copy_(tensors[name])
+
+
+def _names(items: list[str], limit: int = 4) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def save_model(
+    directory: str | Path,
+    model: Transformer,
+    tokenizer: Tokenizer,
+    source_tokenizer: Tokenizer | None = None,
+    generation: dict | None = None,
+) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_write(directory / CONFIG_FILE) as f:
+        f.write(model.cfg.to_json())
+    tokenizer.save(directory / TOKENIZER_FILE)
+    if source_tokenizer is not None and source_tokenizer is not tokenizer:
+        source_tokenizer.save(directory / SOURCE_TOKENIZER_FILE)
+    elif (directory / SOURCE_TOKENIZER_FILE).exists():
+        (directory / SOURCE_TOKENIZER_FILE).unlink()
+    if generation is not None:
+        with atomic_write(directory / GENERATION_FILE) as f:
+            f.write(json.dumps(generation, indent=2, ensure_ascii=False) + "\n")
+    save_weights(directory / WEIGHTS_FILE, model_tensors(model), metadata={"format": "pt", "llmcli": "1"})
+    return directory
+
+
+def is_model_dir(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    directory = Path(directory)
+    if not directory.exists():
+        raise UserError(f"{directory}: no such model directory")
+    if not directory.is_dir():
+        raise UserError(f"{directory}: a model is a directory (config.json, model.safetensors, tokenizer.json), not a file")
+    for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE):
+        if not (directory / name).is_file():
+            hint = ""
+            if name == WEIGHTS_FILE and (directory / "pytorch_model.bin").exists():
+                hint = " (it has pytorch_model.bin: convert it with `llmcli convert`)"
+            raise UserError(f"{directory}: missing {name}{hint}")
+    cfg = ModelConfig.load(directory / CONFIG_FILE)
+    tokenizer = Tokenizer.load(directory / TOKENIZER_FILE)
+    source_tokenizer = tokenizer
+    if (directory / SOURCE_TOKENIZER_FILE).is_file():
+        source_tokenizer = Tokenizer.load(directory / SOURCE_TOKENIZER_FILE)
+    if tokenizer.vocab_size > cfg.output_vocab_size:
+        raise UserError(
+            f"{directory}: tokenizer.json has {tokenizer.vocab_size} tokens but the model's output vocabulary is {cfg.output_vocab_size}"
+        )
+    if source_tokenizer.vocab_size > cfg.vocab_size:
+        raise UserError(
+            f"{directory}: the source tokenizer has {source_tokenizer.vocab_size} tokens but the model's vocabulary is {cfg.vocab_size}"
+        )
+    generation = {}
+    if (directory / GENERATION_FILE).is_file():
+        try:
+            generation = json.loads((directory / GENERATION_FILE).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{directory / GENERATION_FILE}: not valid JSON ({e})") from None
+        if not isinstance(generation, dict):
+            raise UserError(f"{directory / GENERATION_FILE}: expected a JSON object")
+    tensors = load_weights(directory / WEIGHTS_FILE)
+    model = Transformer(cfg).to(device)
+    load_state_into(model, tensors, str(directory / WEIGHTS_FILE))
+    model.eval()
+    return LoadedModel(model, tokenizer, source_tokenizer, generation, directory)
+

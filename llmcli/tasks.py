@@ -1,0 +1,328 @@
+"""Per task: input format, prompt, decode settings, output.
+
+Every task reads its input as a stream in chunks, sorts each chunk by length into
+token-count batches, decodes, and yields results in input order: one result per input
+line, empty in, empty out.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Literal
+
+import torch
+
+from llmcli import decoding
+from llmcli.checkpoint import LoadedModel, load_model
+from llmcli.errors import UserError
+from llmcli.io import warn
+from llmcli.model import PAD_TOKEN
+from llmcli.qa_data import qa_source
+
+OnLong = Literal["truncate", "error", "skip"]
+TASKS_BY_ARCHITECTURE = {
+    "encoder-decoder": ("translate", "summarize", "qa"),
+    "decoder-only": ("generate", "chat"),
+}
+
+
+@dataclass
+class DecodeSettings:
+    beam_size: int = 1
+    n_best: int = 1
+    length_penalty: float = 1.0
+    max_len: int | None = None  # most new tokens; default relative to the source
+    max_len_a: float = 2.0  # default max new tokens = a * source tokens + b (seq2seq)
+    max_len_b: int = 10
+    min_len: int = 0
+    no_repeat_ngram_size: int = 0
+    repetition_penalty: float = 1.0
+    sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    batch_tokens: int = 4096
+    chunk_lines: int = 2000
+    on_long: OnLong = "truncate"
+
+
+@dataclass(frozen=True)
+class Output:
+    """One input line's result: its hypotheses, best first (one unless n-best)."""
+
+    texts: list[str]
+    scores: list[float]
+
+    @property
+    def text(self) -> str:
+        return self.texts[0] if self.texts else ""
+
+
+EMPTY = Output([""], [0.0])
+
+
+@dataclass
+class Stats:
+    lines: int = 0
+    tokens: int = 0
+    started: float = 0.0
+
+    def __post_init__(self):
+        self.started = time.monotonic()
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.started
+
+
+def open_model(path: str, task: str, device: str = "cpu") -> LoadedModel:
+    loaded = load_model(path, device=device)
+    allowed = TASKS_BY_ARCHITECTURE[loaded.config.architecture]
+    if task not in allowed:
+        raise UserError(
+            f"{path} is a {loaded.config.architecture} model; it runs {', '.join(allowed)}, not {task}"
+        )
+    return loaded
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def _fit(ids: list[int], limit: int, line_number: int, on_long: OnLong) -> list[int] | None:
+    """Apply the over-long policy; None means skip the line."""
+    if len(ids) <= limit:
+        return ids
+    if on_long == "error":
+        raise UserError(f"input line {line_number} has {len(ids)} tokens, more than the model's {limit}")
+    if on_long == "skip":
+        warn(f"input line {line_number} has {len(ids)} tokens, more than the model's {limit}: skipped (empty output)")
+        return None
+    warn(f"input line {line_number} has {len(ids)} tokens, more than the model's {limit}: truncated")
+    return ids[:limit]
+
+
+def _token_batches(lengths: list[int], batch_tokens: int, width: int) -> list[list[int]]:
+    """Indices sorted by length, cut so that (longest * rows * width) stays under batch_tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches, current = [], []
+    for i in order:
+        longest = lengths[current[0]] if current else lengths[i]
+        if current and longest * (len(current) + 1) * width > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _decode_batch(loaded: LoadedModel, step, cache, start: torch.Tensor, max_new, settings: DecodeSettings,
+                  suppress: tuple[int, ...], on_tokens=None) -> list[list[decoding.Hypothesis]]:
+    cfg = loaded.config
+    common = dict(eos_id=cfg.eos_id, max_new_tokens=max_new, min_new_tokens=settings.min_len,
+                  repetition_penalty=settings.repetition_penalty, no_repeat_ngram_size=settings.no_repeat_ngram_size,
+                  suppress_tokens=suppress)  # fmt: skip
+    if settings.sample:
+        generator = None
+        if settings.seed is not None:
+            generator = torch.Generator(device=start.device).manual_seed(settings.seed)
+        hyps = decoding.sample(step, cache, start, temperature=settings.temperature, top_k=settings.top_k,
+                               top_p=settings.top_p, generator=generator, on_tokens=on_tokens, **common)  # fmt: skip
+        return [[h] for h in hyps]
+    if settings.beam_size <= 1:
+        return [[h] for h in decoding.greedy_search(step, cache, start, on_tokens=on_tokens, **common)]
+    return decoding.beam_search(step, cache, start, beam_size=settings.beam_size, n_best=settings.n_best,
+                                length_penalty=settings.length_penalty, **common)  # fmt: skip
+
+
+def _suppressed(loaded: LoadedModel) -> tuple[int, ...]:
+    # Never generate padding or a second start token.
+    cfg = loaded.config
+    banned = {cfg.pad_id}
+    if cfg.bos_id != cfg.eos_id:
+        banned.add(cfg.bos_id)
+    banned.update(loaded.generation.get("suppress_tokens", []))
+    return tuple(sorted(banned))
+
+
+# ---------------------------------------------------------------- sequence to sequence
+
+
+@torch.no_grad()
+def seq2seq(loaded: LoadedModel, sources: Iterable[str], settings: DecodeSettings,
+            progress: Callable[[Stats], None] | None = None) -> Iterator[Output]:
+    """Translate / summarize / answer: one Output per source text, in order."""
+    model, cfg = loaded.model, loaded.config
+    src_tok, tgt_tok = loaded.source_tokenizer, loaded.tokenizer
+    limit = cfg.max_positions - 1  # room for eos
+    suppress = _suppressed(loaded)
+    stats = Stats()
+    line_offset = 0
+    for chunk in _chunks(sources, settings.chunk_lines):
+        results: list[Output] = [EMPTY] * len(chunk)
+        live = [i for i, text in enumerate(chunk) if text.strip()]
+        encoded = src_tok.encode_batch([chunk[i] for i in live])
+        ids_by_row: dict[int, list[int]] = {}
+        for i, ids in zip(live, encoded):
+            fitted = _fit(ids, limit, line_offset + i + 1, settings.on_long)
+            if fitted is not None:
+                ids_by_row[i] = fitted + [cfg.eos_id]
+        rows = list(ids_by_row)
+        width = max(settings.beam_size, 1)
+        for batch in _token_batches([len(ids_by_row[r]) for r in rows], settings.batch_tokens, width):
+            batch_rows = [rows[b] for b in batch]
+            src_ids = [ids_by_row[r] for r in batch_rows]
+            S = max(map(len, src_ids))
+            src = torch.full((len(src_ids), S), cfg.pad_id, dtype=torch.long)
+            for j, ids in enumerate(src_ids):
+                src[j, : len(ids)] = torch.tensor(ids)
+            src = src.to(model.device)
+            src_mask = torch.arange(S, device=model.device)[None, :] < torch.tensor([len(x) for x in src_ids], device=model.device)[:, None]
+            memory = model.encode(src, src_mask)
+            cache = model.new_cache(len(src_ids), memory, src_mask)
+            start = torch.full((len(src_ids), 1), cfg.start_id, dtype=torch.long, device=model.device)
+            if settings.max_len is not None:
+                max_new = [settings.max_len] * len(src_ids)
+            else:
+                max_new = [int(settings.max_len_a * (len(x) - 1) + settings.max_len_b) for x in src_ids]
+            max_new = [max(1, min(m, cfg.max_positions - 1)) for m in max_new]
+            hyps = _decode_batch(loaded, model.step, cache, start, max_new, settings, suppress)
+            for r, row_hyps in zip(batch_rows, hyps):
+                texts = tgt_tok.decode_batch([h.tokens for h in row_hyps])
+                results[r] = Output(texts, [h.score for h in row_hyps])
+                stats.tokens += len(row_hyps[0].tokens)
+        line_offset += len(chunk)
+        for result in results:
+            stats.lines += 1
+            yield result
+        if progress is not None:
+            progress(stats)
+
+
+def qa_sources(records: Iterable[dict]) -> Iterator[str]:
+    for record in records:
+        yield qa_source(record["question"], record["context"])
+
+
+# ---------------------------------------------------------------- decoder-only
+
+
+@torch.no_grad()
+def generate(loaded: LoadedModel, prompts: Iterable[str], settings: DecodeSettings, max_new_tokens: int = 100,
+             on_text: Callable[[int, str], None] | None = None,
+             progress: Callable[[Stats], None] | None = None) -> Iterator[Output]:
+    """Continue each prompt; an empty prompt starts from the beginning of a text.
+
+    `on_text(row, text_so_far)` streams a single prompt's continuation as it is produced.
+    """
+    model, cfg, tok = loaded.model, loaded.config, loaded.tokenizer
+    suppress = _suppressed(loaded)
+    stats = Stats()
+    line_offset = 0
+    for chunk in _chunks(prompts, settings.chunk_lines):
+        encoded = tok.encode_batch(chunk)
+        results: list[Output] = [EMPTY] * len(chunk)
+        ids_by_row: dict[int, list[int]] = {}
+        for i, ids in enumerate(encoded):
+            room = cfg.max_positions - max_new_tokens - 1
+            if room < 0:
+                raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room in the model's {cfg.max_positions} positions")
+            if cfg.positions in ("learned", "sinusoidal") and len(ids) > room:
+                fitted = _fit(ids, room, line_offset + i + 1, settings.on_long)
+                if fitted is None:
+                    continue
+                ids = fitted[-room:] if room else []  # keep the end of the prompt: it is what is continued
+            ids_by_row[i] = [cfg.bos_id] + ids
+        rows = list(ids_by_row)
+        width = max(settings.beam_size, 1)
+        lengths = [len(ids_by_row[r]) + max_new_tokens for r in rows]
+        for batch in _token_batches(lengths, settings.batch_tokens, width):
+            batch_rows = [rows[b] for b in batch]
+            prompts_ids = [ids_by_row[r] for r in batch_rows]
+            P = max(map(len, prompts_ids))
+            start = torch.full((len(prompts_ids), P), PAD_TOKEN, dtype=torch.long)
+            for j, ids in enumerate(prompts_ids):
+                start[j, P - len(ids):] = torch.tensor(ids)
+            start = start.to(model.device)
+            cache = model.new_cache(len(prompts_ids))
+            on_tokens = None
+            if on_text is not None and len(batch_rows) == 1:
+                produced: list[int] = []
+
+                def on_tokens(row_indices, tokens, produced=produced, row=batch_rows[0]):
+                    if tokens[0] != cfg.eos_id:
+                        produced.append(tokens[0])
+                        on_text(line_offset + row, tok.decode(produced))
+
+            hyps = _decode_batch(loaded, model.step, cache, start, max_new_tokens, settings, suppress, on_tokens)
+            for r, row_hyps in zip(batch_rows, hyps):
+                results[r] = Output(tok.decode_batch([h.tokens for h in row_hyps]), [h.score for h in row_hyps])
+                stats.tokens += len(row_hyps[0].tokens)
+        line_offset += len(chunk)
+        for result in results:
+            stats.lines += 1
+            yield result
+        if progress is not None:
+            progress(stats)
+
+
+@torch.no_grad()
+def perplexity(model_dir: str, lines: list[str], batch_tokens: int = 8192) -> dict:
+    """Perplexity of a decoder-only model on text, each line a document ([bos] text [eos]).
+
+    Lines longer than the model's positions are scored in consecutive windows.
+    """
+    loaded = open_model(model_dir, "generate")
+    model, cfg, tok = loaded.model, loaded.config, loaded.tokenizer
+    sequences = []
+    for ids in tok.encode_batch(lines):
+        seq = [cfg.bos_id] + ids + [cfg.eos_id]
+        window = cfg.max_positions
+        for begin in range(0, len(seq) - 1, window):
+            sequences.append(seq[begin : begin + window + 1])
+    total, count = 0.0, 0
+    for batch in _token_batches([len(s) for s in sequences], batch_tokens, 1):
+        seqs = [sequences[i] for i in batch]
+        T = max(map(len, seqs)) - 1
+        tokens = torch.full((len(seqs), T), cfg.pad_id, dtype=torch.long)
+        labels = torch.full((len(seqs), T), -100, dtype=torch.long)
+        for j, s in enumerate(seqs):
+            tokens[j, : len(s) - 1] = torch.tensor(s[:-1])
+            labels[j, : len(s) - 1] = torch.tensor(s[1:])
+        logits = model(tokens.to(model.device)).float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).to(model.device),
+                                                 ignore_index=-100, reduction="sum")  # fmt: skip
+        total += loss.item()
+        count += int((labels != -100).sum())
+    if count == 0:
+        raise UserError("no text to score: every line is empty")
+    mean = total / count
+    return {"score": math.exp(mean), "loss": mean, "tokens": count, "n": len(lines)}
+
+
+def describe(loaded: LoadedModel) -> dict:
+    cfg = loaded.config
+    return {
+        "path": str(loaded.path),
+        "architecture": cfg.architecture,
+        "parameters": loaded.model.num_parameters(),
+        "d_model": cfg.d_model,
+        "layers": {"encoder": cfg.n_encoder_layers, "decoder": cfg.n_decoder_layers},
+        "heads": cfg.n_heads,
+        "kv_heads": cfg.kv_heads,
+        "vocab_size": cfg.vocab_size,
+        "tgt_vocab_size": cfg.output_vocab_size,
+        "max_positions": cfg.max_positions,
+        "positions": cfg.positions,
+        "norm": f"{cfg.norm} ({cfg.norm_position})",
+        "activation": cfg.activation + (" (gated)" if cfg.glu else ""),
+        "trained_for": loaded.generation.get("task"),
+        "tasks": list(TASKS_BY_ARCHITECTURE[cfg.architecture]),
+    }
