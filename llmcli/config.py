@@ -1,7 +1,7 @@
 """One frozen dataclass that describes every architecture llmcli runs.
 
 Variants are fields with closed sets of values, never subclasses: the same fields
-describe a model trained here and Marian, BART, T5, GPT-2 or Llama checkpoints.
+describe a model trained here and Marian, BART, T5, GPT-2, Llama or BERT checkpoints.
 config.json stores these fields and nothing else; unknown keys are errors.
 """
 
@@ -16,7 +16,8 @@ from typing import Literal
 
 from llmcli.errors import UserError
 
-Architecture = Literal["encoder-decoder", "decoder-only"]
+Architecture = Literal["encoder-decoder", "decoder-only", "encoder-only"]
+Head = Literal["lm", "span"]  # next-token logits; or start/end logits per token (extractive QA, BERT)
 Activation = Literal["relu", "gelu", "gelu_tanh", "silu"]
 Norm = Literal["layernorm", "rmsnorm"]
 NormPosition = Literal["pre", "post"]
@@ -30,9 +31,10 @@ class ModelConfig:
     tgt_vocab_size: int | None = None  # None: same vocabulary as the source
     d_model: int = 512
     n_heads: int = 8
+    d_head: int | None = None  # per-head size; None: d_model // n_heads (T5's d_kv may differ)
     n_kv_heads: int | None = None  # grouped-query attention (Llama); None: n_heads
     n_encoder_layers: int = 6  # 0 for decoder-only
-    n_decoder_layers: int = 6
+    n_decoder_layers: int = 6  # 0 for encoder-only
     d_ff: int = 2048
     activation: Activation = "relu"
     glu: bool = False  # gated FFN: act(x W_gate) * (x W_up); silu + glu is SwiGLU, gelu_tanh + glu is T5 v1.1
@@ -44,6 +46,7 @@ class ModelConfig:
     positions: Positions = "sinusoidal"
     max_positions: int = 512
     position_offset: int = 0  # BART's learned positions start at index 2
+    type_vocab_size: int = 0  # token type (segment) embeddings added to the encoder's (BERT: 2); 0: none
     rope_theta: float = 10000.0
     relative_buckets: int = 32  # T5 relative-position buckets
     relative_max_distance: int = 128
@@ -55,6 +58,7 @@ class ModelConfig:
     tied_output: bool = True  # output projection is the decoder embedding matrix
     logits_scale: float = 1.0  # T5 v1 scales the tied output by d_model**-0.5
     final_logits_bias: bool = False  # a learned/loaded bias on the logits (BART, Marian)
+    head: Head = "lm"  # "span" only on an encoder-only model
     bias: bool = True  # biases in attention and FFN projections (GPT-2, BART yes; Llama, T5 no)
     pad_id: int = 0
     bos_id: int = 1
@@ -64,12 +68,18 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             _check_type(field.name, getattr(self, field.name), _field_types()[field.name])
-        positive = ["vocab_size", "d_model", "n_heads", "d_ff", "max_positions", "n_decoder_layers"]
+        positive = ["vocab_size", "d_model", "n_heads", "d_ff", "max_positions"]
+        if self.architecture != "encoder-only":
+            positive.append("n_decoder_layers")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UserError(f"config: {name}={getattr(self, name)} must be positive")
-        if self.d_model % self.n_heads:
+        if self.d_head is None and self.d_model % self.n_heads:
             raise UserError(f"config: n_heads={self.n_heads} does not divide d_model={self.d_model}")
+        if self.d_head is not None and self.d_head <= 0:
+            raise UserError(f"config: d_head={self.d_head} must be positive")
+        if self.type_vocab_size < 0:
+            raise UserError(f"config: type_vocab_size={self.type_vocab_size} must be 0 or more")
         if self.n_kv_heads is not None and (self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads):
             raise UserError(f"config: n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
         if self.architecture == "decoder-only":
@@ -77,8 +87,18 @@ class ModelConfig:
                 raise UserError(f"config: a decoder-only model has n_encoder_layers=0, not {self.n_encoder_layers}")
             if self.tgt_vocab_size not in (None, self.vocab_size):
                 raise UserError("config: a decoder-only model has one vocabulary; leave tgt_vocab_size unset")
+        elif self.architecture == "encoder-only":
+            if self.n_encoder_layers <= 0 or self.n_decoder_layers != 0:
+                raise UserError(
+                    f"config: an encoder-only model has n_encoder_layers > 0 and n_decoder_layers=0, "
+                    f"not {self.n_encoder_layers} and {self.n_decoder_layers}"
+                )
+            if self.tgt_vocab_size not in (None, self.vocab_size):
+                raise UserError("config: an encoder-only model has one vocabulary; leave tgt_vocab_size unset")
         elif self.n_encoder_layers <= 0:
             raise UserError(f"config: n_encoder_layers={self.n_encoder_layers} must be positive for an encoder-decoder")
+        if (self.head == "span") != (self.architecture == "encoder-only"):
+            raise UserError(f"config: head={self.head!r} does not fit a {self.architecture} model (span heads are encoder-only)")
         if self.shared_embeddings and self.architecture == "encoder-decoder" and self.tgt_vocab_size not in (
             None,
             self.vocab_size,
@@ -99,7 +119,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.d_head or self.d_model // self.n_heads
 
     @property
     def kv_heads(self) -> int:
@@ -186,10 +206,13 @@ def _check_type(name: str, value: object, hint: object) -> None:
 
 # Presets for training from scratch. "base" is the Transformer-base of Vaswani et al. (2017),
 # pre-norm as most current training recipes use, since it trains stably without long warmup.
+# Embeddings are scaled by sqrt(d_model) (and initialised at d_model**-0.5) so that token
+# identity and the unit-amplitude sinusoids start on the same scale.
+_FROM_SCRATCH = dict(scale_embeddings=True, dropout=0.1)
 PRESETS: dict[str, dict] = {
-    "tiny": dict(d_model=128, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, d_ff=512, dropout=0.1),
-    "small": dict(d_model=256, n_heads=4, n_encoder_layers=3, n_decoder_layers=3, d_ff=1024, dropout=0.1),
-    "base": dict(d_model=512, n_heads=8, n_encoder_layers=6, n_decoder_layers=6, d_ff=2048, dropout=0.1),
+    "tiny": dict(d_model=128, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, d_ff=512, **_FROM_SCRATCH),
+    "small": dict(d_model=256, n_heads=4, n_encoder_layers=3, n_decoder_layers=3, d_ff=1024, **_FROM_SCRATCH),
+    "base": dict(d_model=512, n_heads=8, n_encoder_layers=6, n_decoder_layers=6, d_ff=2048, **_FROM_SCRATCH),
 }
 
 

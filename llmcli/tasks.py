@@ -7,6 +7,7 @@ line, empty in, empty out.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import time
@@ -26,6 +27,7 @@ OnLong = Literal["truncate", "error", "skip"]
 TASKS_BY_ARCHITECTURE = {
     "encoder-decoder": ("translate", "summarize", "qa"),
     "decoder-only": ("generate", "chat"),
+    "encoder-only": ("qa",),  # extractive: a span of the context (BERT)
 }
 
 
@@ -48,6 +50,8 @@ class DecodeSettings:
     batch_tokens: int = 4096
     chunk_lines: int = 2000
     on_long: OnLong = "truncate"
+    early_stopping: bool | str = False  # beam search: True, False or "never", as HF's generate
+    given: frozenset = frozenset()  # fields the user set; generation.json's "decode" defaults fill the others
 
 
 @dataclass(frozen=True)
@@ -125,10 +129,12 @@ def _token_batches(lengths: list[int], batch_tokens: int, width: int) -> list[li
 
 def _decode_batch(loaded: LoadedModel, step, cache, start: torch.Tensor, max_new, settings: DecodeSettings,
                   suppress: tuple[int, ...], on_tokens=None) -> list[list[decoding.Hypothesis]]:
-    cfg = loaded.config
+    cfg, gen = loaded.config, loaded.generation
+    # A converted model's forced first and last tokens (BART's <s>, Marian's </s>), as HF's generate forces them
+    forced = [gen["forced_bos_id"]] if gen.get("forced_bos_id") is not None else []
     common = dict(eos_id=cfg.eos_id, max_new_tokens=max_new, min_new_tokens=settings.min_len,
                   repetition_penalty=settings.repetition_penalty, no_repeat_ngram_size=settings.no_repeat_ngram_size,
-                  suppress_tokens=suppress)  # fmt: skip
+                  suppress_tokens=suppress, forced_tokens=forced, forced_eos_id=gen.get("forced_eos_id"))  # fmt: skip
     if settings.sample:
         generator = None
         if settings.seed is not None:
@@ -139,17 +145,30 @@ def _decode_batch(loaded: LoadedModel, step, cache, start: torch.Tensor, max_new
     if settings.beam_size <= 1:
         return [[h] for h in decoding.greedy_search(step, cache, start, on_tokens=on_tokens, **common)]
     return decoding.beam_search(step, cache, start, beam_size=settings.beam_size, n_best=settings.n_best,
-                                length_penalty=settings.length_penalty, **common)  # fmt: skip
+                                length_penalty=settings.length_penalty, early_stopping=settings.early_stopping,
+                                **common)  # fmt: skip
 
 
 def _suppressed(loaded: LoadedModel) -> tuple[int, ...]:
+    # A converted model lists what its generate bans (Marian: the pad), and only that is banned.
+    if "suppress_tokens" in loaded.generation:
+        return tuple(sorted(loaded.generation["suppress_tokens"]))
     # Never generate padding or a second start token.
     cfg = loaded.config
     banned = {cfg.pad_id}
     if cfg.bos_id != cfg.eos_id:
         banned.add(cfg.bos_id)
-    banned.update(loaded.generation.get("suppress_tokens", []))
     return tuple(sorted(banned))
+
+
+def with_model_defaults(settings: DecodeSettings, loaded: LoadedModel) -> DecodeSettings:
+    """The model's own decoding defaults (generation.json "decode": beam, length penalty, max
+    length...) for every setting the user did not give."""
+    defaults = {k: v for k, v in loaded.generation.get("decode", {}).items()
+                if k not in settings.given and k in DecodeSettings.__dataclass_fields__}  # fmt: skip
+    if settings.sample:
+        defaults.pop("beam_size", None)
+    return dataclasses.replace(settings, **defaults) if defaults else settings
 
 
 # ---------------------------------------------------------------- sequence to sequence
@@ -161,7 +180,11 @@ def seq2seq(loaded: LoadedModel, sources: Iterable[str], settings: DecodeSetting
     """Translate / summarize / answer: one Output per source text, in order."""
     model, cfg = loaded.model, loaded.config
     src_tok, tgt_tok = loaded.source_tokenizer, loaded.tokenizer
-    limit = cfg.max_positions - 1  # room for eos
+    settings = with_model_defaults(settings, loaded)
+    # What the model's tokenizer puts around a source (BART: <s> ... </s>); ours: ... </s>
+    prefix = loaded.generation.get("source_prefix", [])
+    suffix = loaded.generation.get("source_suffix", [cfg.eos_id])
+    limit = cfg.max_positions - len(prefix) - len(suffix)
     suppress = _suppressed(loaded)
     stats = Stats()
     line_offset = 0
@@ -173,7 +196,7 @@ def seq2seq(loaded: LoadedModel, sources: Iterable[str], settings: DecodeSetting
         for i, ids in zip(live, encoded):
             fitted = _fit(ids, limit, line_offset + i + 1, settings.on_long)
             if fitted is not None:
-                ids_by_row[i] = fitted + [cfg.eos_id]
+                ids_by_row[i] = prefix + fitted + suffix
         rows = list(ids_by_row)
         width = max(settings.beam_size, 1)
         for batch in _token_batches([len(ids_by_row[r]) for r in rows], settings.batch_tokens, width):
@@ -191,7 +214,7 @@ def seq2seq(loaded: LoadedModel, sources: Iterable[str], settings: DecodeSetting
             if settings.max_len is not None:
                 max_new = [settings.max_len] * len(src_ids)
             else:
-                max_new = [int(settings.max_len_a * (len(x) - 1) + settings.max_len_b) for x in src_ids]
+                max_new = [int(settings.max_len_a * (len(x) - len(prefix) - len(suffix)) + settings.max_len_b) for x in src_ids]
             max_new = [max(1, min(m, cfg.max_positions - 1)) for m in max_new]
             hyps = _decode_batch(loaded, model.step, cache, start, max_new, settings, suppress)
             for r, row_hyps in zip(batch_rows, hyps):
@@ -223,6 +246,10 @@ def generate(loaded: LoadedModel, prompts: Iterable[str], settings: DecodeSettin
     `on_text(row, text_so_far)` streams a single prompt's continuation as it is produced.
     """
     model, cfg, tok = loaded.model, loaded.config, loaded.tokenizer
+    settings = with_model_defaults(settings, loaded)
+    # What the model's tokenizer puts around a prompt (Llama: <s>, GPT-2: nothing); ours: bos
+    prefix = loaded.generation.get("prompt_prefix", [cfg.bos_id])
+    suffix = loaded.generation.get("prompt_suffix", [])
     suppress = _suppressed(loaded)
     stats = Stats()
     line_offset = 0
@@ -231,7 +258,7 @@ def generate(loaded: LoadedModel, prompts: Iterable[str], settings: DecodeSettin
         results: list[Output] = [EMPTY] * len(chunk)
         ids_by_row: dict[int, list[int]] = {}
         for i, ids in enumerate(encoded):
-            room = cfg.max_positions - max_new_tokens - 1
+            room = cfg.max_positions - max_new_tokens - len(prefix) - len(suffix)
             if room < 0:
                 raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room in the model's {cfg.max_positions} positions")
             if cfg.positions in ("learned", "sinusoidal") and len(ids) > room:
@@ -239,7 +266,7 @@ def generate(loaded: LoadedModel, prompts: Iterable[str], settings: DecodeSettin
                 if fitted is None:
                     continue
                 ids = fitted[-room:] if room else []  # keep the end of the prompt: it is what is continued
-            ids_by_row[i] = [cfg.bos_id] + ids
+            ids_by_row[i] = (prefix + ids + suffix) or [cfg.bos_id]  # an empty prompt starts a text
         rows = list(ids_by_row)
         width = max(settings.beam_size, 1)
         lengths = [len(ids_by_row[r]) + max_new_tokens for r in rows]
@@ -326,3 +353,38 @@ def describe(loaded: LoadedModel) -> dict:
         "trained_for": loaded.generation.get("task"),
         "tasks": list(TASKS_BY_ARCHITECTURE[cfg.architecture]),
     }
+
+
+class ChatSession:
+    """A conversation with a decoder-only model: the history is plain text, each turn a line,
+    kept within the context window by dropping the oldest tokens."""
+
+    def __init__(self, loaded: LoadedModel, settings: DecodeSettings, max_new_tokens: int = 100):
+        self.loaded = loaded
+        self.settings = settings
+        self.max_new_tokens = min(max_new_tokens, loaded.config.max_positions // 2)
+        self.history = ""
+
+    def reset(self) -> None:
+        self.history = ""
+
+    def reply(self, message: str, on_text: Callable[[str], None] | None = None) -> str:
+        tok, cfg = self.loaded.tokenizer, self.loaded.config
+        prompt_ids = tok.encode(self.history + message + "\n")
+        room = cfg.max_positions - self.max_new_tokens - 1
+        prompt = tok.decode(prompt_ids[-room:]) if len(prompt_ids) > room else self.history + message + "\n"
+        shown = [""]
+
+        def stream(row, text):
+            # A reply is one line: show it up to the first newline.
+            line = text.split("\n", 1)[0]
+            if on_text is not None and line != shown[0]:
+                on_text(line[len(shown[0]):])
+                shown[0] = line
+
+        result = next(generate(self.loaded, [prompt], self.settings, self.max_new_tokens, on_text=stream))
+        answer = result.text.split("\n", 1)[0]
+        if on_text is not None and len(answer) > len(shown[0]):
+            on_text(answer[len(shown[0]):])
+        self.history = prompt + answer + "\n"
+        return answer

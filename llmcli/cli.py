@@ -1,0 +1,519 @@
+"""The `llmcli` command line: parse, call one library function, print.
+
+No torch at import time, so `llmcli --help` is instant; library modules are imported
+inside the commands.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import sys
+from typing import Callable
+
+import typer
+
+from llmcli.errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="Train and run Transformer models from the shell: translate, summarize, qa, generate, eval.",
+)
+
+
+class _State:
+    debug = bool(os.environ.get("LLMCLI_DEBUG"))
+
+
+def handle_errors(command: Callable) -> Callable:
+    """User errors become one line on stderr and exit 2; Ctrl-C exits 130; bugs keep their traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except UserError as e:
+            if _State.debug:
+                raise
+            message = str(e).splitlines()[0] if str(e) else type(e).__name__
+            print(f"llmcli: error: {message}", file=sys.stderr, flush=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            print("llmcli: interrupted", file=sys.stderr, flush=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+@app.callback()
+def _global_options(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+) -> None:
+    if debug:
+        _State.debug = True
+
+
+def _set_quiet(quiet: bool) -> None:
+    from llmcli.io import settings
+
+    settings.quiet = quiet
+
+
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress or log lines on stderr (errors still appear).")
+
+
+@app.command()
+@handle_errors
+def train(
+    task: str = typer.Option(..., help="translate | summarize | qa (encoder-decoder) or generate (decoder-only)."),
+    out: str = typer.Option(None, "--out", "-o", help="Model directory to write (required unless --resume)."),
+    src: str = typer.Option(None, help="Source text, one example per line (translate, summarize)."),
+    tgt: str = typer.Option(None, help="Target text, line-aligned with --src."),
+    text: list[str] = typer.Option(None, help="Plain text to learn from (generate); may repeat."),
+    data: str = typer.Option(None, help="QA data: JSONL with question, context, answer; or SQuAD json."),
+    valid_src: str = typer.Option(None, help="Validation source (translate, summarize)."),
+    valid_tgt: str = typer.Option(None, help="Validation target."),
+    valid_text: list[str] = typer.Option(None, help="Validation text (generate)."),
+    valid_data: str = typer.Option(None, help="Validation QA data."),
+    tokenizer: str = typer.Option(None, help="Use this tokenizer.json (or a model directory's) instead of training one."),
+    tokenizer_kind: str = typer.Option("bpe", help="bpe | unigram, for a newly trained tokenizer."),
+    vocab_size: int = typer.Option(8000, help="Vocabulary size of a newly trained tokenizer."),
+    separate_vocab: bool = typer.Option(False, help="Separate source and target vocabularies (default: one shared)."),
+    preset: str = typer.Option("small", help="Model size: tiny | small | base."),
+    set_: list[str] = typer.Option(None, "--set", help="Override a config field, e.g. --set d_model=384 (repeatable)."),
+    batch_tokens: int = typer.Option(4096, help="Tokens per batch (padded), batches grouped by length."),
+    accumulate: int = typer.Option(1, help="Batches per optimizer step (gradient accumulation)."),
+    lr: float = typer.Option(7e-4, help="Peak learning rate."),
+    warmup: int = typer.Option(400, help="Linear warmup steps."),
+    schedule: str = typer.Option("inverse_sqrt", help="inverse_sqrt | cosine | constant, after warmup."),
+    label_smoothing: float = typer.Option(0.1, help="Label smoothing of the training loss."),
+    clip_norm: float = typer.Option(1.0, help="Gradient clipping norm (0: off)."),
+    weight_decay: float = typer.Option(0.01, help="AdamW weight decay."),
+    max_steps: int = typer.Option(10000, help="Stop after this many optimizer steps."),
+    max_minutes: float = typer.Option(None, help="Stop (and save) after this many minutes."),
+    valid_every: int = typer.Option(500, help="Validate and save every N steps."),
+    patience: int = typer.Option(None, help="Stop after N validations without improvement."),
+    block_size: int = typer.Option(256, help="generate: tokens per training sequence."),
+    seed: int = typer.Option(1, help="Random seed: same seed, same data, same model."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    resume: str = typer.Option(None, help="Continue the run in this directory exactly where it stopped."),
+    quiet: bool = QUIET,
+) -> None:
+    """Train a model (and its tokenizer) from your own text files.
+
+    Example: llmcli train --task translate --src train.en --tgt train.de --valid-src val.en --valid-tgt val.de --out en-de
+    """
+    _set_quiet(quiet)
+    from llmcli.progress import TrainReporter
+    from llmcli.train import TrainOptions, train as run_training
+
+    if resume is None and out is None:
+        raise UserError("--out DIR is required (or --resume DIR to continue a run)")
+    if task not in ("translate", "summarize", "qa", "generate"):
+        raise UserError(f"--task {task!r} is not one of translate, summarize, qa, generate")
+    if tokenizer_kind not in ("bpe", "unigram"):
+        raise UserError(f"--tokenizer-kind {tokenizer_kind!r} is not bpe or unigram")
+    if schedule not in ("inverse_sqrt", "cosine", "constant"):
+        raise UserError(f"--schedule {schedule!r} is not inverse_sqrt, cosine or constant")
+    options = TrainOptions(
+        task=task, out=resume or out, src=src, tgt=tgt, text=text or None, data=data,
+        valid_src=valid_src, valid_tgt=valid_tgt, valid_text=valid_text or None, valid_data=valid_data,
+        tokenizer=tokenizer, tokenizer_kind=tokenizer_kind, vocab_size=vocab_size, shared_vocab=not separate_vocab,
+        preset=preset, config_overrides=_parse_overrides(set_ or []), block_size=block_size,
+        batch_tokens=batch_tokens, accumulate=accumulate, lr=lr, warmup_steps=warmup, schedule=schedule,
+        weight_decay=weight_decay, label_smoothing=label_smoothing, clip_norm=clip_norm, max_steps=max_steps,
+        max_minutes=max_minutes, valid_every=valid_every, patience=patience, seed=seed, device=device,
+    )  # fmt: skip
+    reporter = TrainReporter(quiet=quiet)
+    result = run_training(options, reporter, resume=resume is not None)
+    summary = f"trained {result.steps} steps in {result.elapsed:.0f}s ({result.tokens_per_second:,.0f} target tokens/s)"
+    if result.valid_loss is not None:
+        summary += f", best validation loss {result.valid_loss:.4f} (perplexity {result.valid_perplexity:.2f})"
+    reporter.log(summary)
+    reporter.log(f"model saved in {result.out}")
+
+
+MODEL = typer.Option(..., "--model", "-m", help="Model directory (config.json, model.safetensors, tokenizer.json).")
+DEVICE = typer.Option("auto", help="auto | cpu | cuda | cuda:N.")
+ON_LONG = typer.Option("truncate", help="Inputs longer than the model's positions: truncate | error | skip (with a warning).")
+FORMAT = typer.Option("text", "--format", help="text | jsonl | tsv (index<TAB>score<TAB>text, one row per hypothesis).")
+
+
+def _settings(**fields):
+    from llmcli.tasks import DecodeSettings
+
+    on_long = fields.get("on_long", "truncate")
+    if on_long not in ("truncate", "error", "skip"):
+        raise UserError(f"--on-long {on_long!r} is not truncate, error or skip")
+    if fields.get("beam_size", 1) < 1 or fields.get("n_best", 1) < 1:
+        raise UserError("--beam and --n-best must be at least 1")
+    if fields.get("n_best", 1) > max(fields.get("beam_size", 1), 1) and not fields.get("sample"):
+        raise UserError(f"--n-best {fields['n_best']} needs --beam of at least {fields['n_best']}")
+    return DecodeSettings(**{k: v for k, v in fields.items() if v is not None})
+
+
+def _input_lines(files: list[str] | None):
+    from llmcli.io import iter_lines
+
+    files = files or ["-"]
+    for path in files:
+        yield from iter_lines(path)
+
+
+def _write_outputs(outputs, fmt: str, output: str | None, quiet: bool, label: str) -> None:
+    """Results to stdout (or atomically to --output), one line per input in text mode."""
+    import json
+
+    from llmcli.io import output_lines
+    from llmcli.progress import LineProgress
+
+    if fmt not in ("text", "jsonl", "tsv"):
+        raise UserError(f"--format {fmt!r} is not text, jsonl or tsv")
+    with LineProgress(quiet, label) as bar, output_lines(output) as writer:
+        for index, result in enumerate(outputs):
+            if fmt == "text":
+                writer.write(result.text)
+            elif fmt == "jsonl":
+                hyps = [{"text": t, "score": s} for t, s in zip(result.texts, result.scores)]
+                writer.write(json.dumps({"index": index, "text": result.text, "hypotheses": hyps}, ensure_ascii=False))
+            else:
+                for text, score in zip(result.texts, result.scores):
+                    writer.write(f"{index}\t{score:.6f}\t{text}")
+            if bar.enabled and index % 16 == 0:
+                bar.update(index + 1, 0, 1.0)
+
+
+def _seq2seq_command(task, files, model, device, quiet, fmt, output, progress_label, records=None, **settings):
+    from llmcli.tasks import open_model, seq2seq
+    from llmcli.train import resolve_device
+
+    _set_quiet(quiet)
+    decode = _settings(**settings)
+    loaded = open_model(model, task, device=resolve_device(device))
+    sources = records if records is not None else _input_lines(files)
+    _write_outputs(seq2seq(loaded, sources, decode), fmt, output, quiet, progress_label)
+
+
+@app.command()
+@handle_errors
+def translate(
+    files: list[str] = typer.Argument(None, help="Input files, one sentence per line ('-' or none: stdin)."),
+    model: str = MODEL,
+    beam: int = typer.Option(4, "--beam", "-b", help="Beam size (1: greedy)."),
+    n_best: int = typer.Option(1, help="Hypotheses per input (with --format jsonl or tsv)."),
+    length_penalty: float = typer.Option(1.0, help="Beam score = log-prob / length**alpha."),
+    max_len: int = typer.Option(None, help="Most output tokens (default: 2 x source + 10)."),
+    no_repeat_ngram: int = typer.Option(0, help="Never repeat an n-gram of this size (0: off)."),
+    batch_tokens: int = typer.Option(4096, help="Source tokens x beam per batch."),
+    fmt: str = FORMAT,
+    output: str = typer.Option(None, "--output", "-o", help="Write here (atomically) instead of stdout."),
+    on_long: str = ON_LONG,
+    device: str = DEVICE,
+    quiet: bool = QUIET,
+) -> None:
+    """Translate text, one output line per input line, in order.
+
+    Example: llmcli translate -m en-de news.en > news.de
+    """
+    _seq2seq_command("translate", files, model, device, quiet, fmt, output, "translate", beam_size=beam, n_best=n_best,
+                     length_penalty=length_penalty, max_len=max_len, no_repeat_ngram_size=no_repeat_ngram,
+                     batch_tokens=batch_tokens, on_long=on_long)  # fmt: skip
+
+
+@app.command()
+@handle_errors
+def summarize(
+    files: list[str] = typer.Argument(None, help="Input files, one document per line ('-' or none: stdin)."),
+    model: str = MODEL,
+    beam: int = typer.Option(4, "--beam", "-b", help="Beam size (1: greedy)."),
+    n_best: int = typer.Option(1, help="Hypotheses per input (with --format jsonl or tsv)."),
+    length_penalty: float = typer.Option(1.0, help="Beam score = log-prob / length**alpha (higher: longer)."),
+    max_len: int = typer.Option(128, help="Most summary tokens."),
+    min_len: int = typer.Option(0, help="Fewest summary tokens."),
+    no_repeat_ngram: int = typer.Option(3, help="Never repeat an n-gram of this size (0: off)."),
+    batch_tokens: int = typer.Option(8192, help="Source tokens x beam per batch."),
+    fmt: str = FORMAT,
+    output: str = typer.Option(None, "--output", "-o", help="Write here (atomically) instead of stdout."),
+    on_long: str = ON_LONG,
+    device: str = DEVICE,
+    quiet: bool = QUIET,
+) -> None:
+    """Summarize documents, one summary line per input line, in order.
+
+    Example: llmcli summarize -m sum-model articles.txt > summaries.txt
+    """
+    _seq2seq_command("summarize", files, model, device, quiet, fmt, output, "summarize", beam_size=beam, n_best=n_best,
+                     length_penalty=length_penalty, max_len=max_len, min_len=min_len,
+                     no_repeat_ngram_size=no_repeat_ngram, batch_tokens=batch_tokens, on_long=on_long)  # fmt: skip
+
+
+@app.command()
+@handle_errors
+def qa(
+    file: str = typer.Argument(None, help="JSONL with question and context per line, or SQuAD json ('-' or none: stdin)."),
+    model: str = MODEL,
+    question: str = typer.Option(None, help="One question (with --context-file) instead of a JSONL input."),
+    context_file: str = typer.Option(None, help="The context for --question."),
+    beam: int = typer.Option(4, "--beam", "-b", help="Beam size (1: greedy)."),
+    max_len: int = typer.Option(64, help="Most answer tokens."),
+    fmt: str = typer.Option("text", "--format", help="text | jsonl (answer and score)."),
+    output: str = typer.Option(None, "--output", "-o", help="Write here (atomically) instead of stdout."),
+    on_long: str = ON_LONG,
+    device: str = DEVICE,
+    quiet: bool = QUIET,
+) -> None:
+    """Answer questions about a context, one answer per line, in order.
+
+    Example: echo '{"question": "Who wrote it?", "context": "It was written by Ada."}' | llmcli qa -m qa-model
+    """
+    from llmcli.io import read_text
+    from llmcli.qa_data import qa_source, read_qa_records
+
+    if question is not None:
+        if context_file is None:
+            raise UserError("--question needs --context-file FILE")
+        sources = [qa_source(question, read_text(context_file).strip())]
+    else:
+        sources = (qa_source(r.question, r.context) for r in read_qa_records(file))
+    _seq2seq_command("qa", None, model, device, quiet, fmt, output, "qa", records=sources, beam_size=beam,
+                     max_len=max_len, on_long=on_long)  # fmt: skip
+
+
+@app.command()
+@handle_errors
+def generate(
+    prompt: str = typer.Argument(None, help="The text to continue (omit it with --input)."),
+    model: str = MODEL,
+    input: str = typer.Option(None, "--input", "-i", help="One prompt per line from this file ('-': stdin)."),
+    max_new_tokens: int = typer.Option(100, help="Most new tokens per prompt."),
+    greedy: bool = typer.Option(False, help="Pick the most likely token (default: sample)."),
+    temperature: float = typer.Option(0.8, help="Sampling temperature."),
+    top_k: int = typer.Option(50, help="Sample among the k most likely tokens (0: all)."),
+    top_p: float = typer.Option(0.95, help="Nucleus sampling mass."),
+    repetition_penalty: float = typer.Option(1.0, help="CTRL repetition penalty (1: off)."),
+    seed: int = typer.Option(None, help="Random seed: same seed, same text."),
+    echo: bool = typer.Option(False, help="Print the prompt before its continuation."),
+    fmt: str = typer.Option("text", "--format", help="text (newlines become spaces with --input) | jsonl."),
+    output: str = typer.Option(None, "--output", "-o", help="Write here (atomically) instead of stdout."),
+    on_long: str = ON_LONG,
+    device: str = DEVICE,
+    quiet: bool = QUIET,
+) -> None:
+    """Continue text with a decoder-only model; streams to a terminal as it is produced.
+
+    Example: llmcli generate -m shakespeare "ROMEO:" --max-new-tokens 60 --seed 1
+    """
+    import sys
+
+    from llmcli.tasks import generate as run_generate
+    from llmcli.tasks import open_model
+    from llmcli.train import resolve_device
+
+    _set_quiet(quiet)
+    if (prompt is None) == (input is None):
+        raise UserError("give either a PROMPT or --input FILE")
+    if max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be at least 1")
+    settings = _settings(sample=not greedy, temperature=temperature, top_k=top_k or None, top_p=top_p,
+                         repetition_penalty=repetition_penalty, seed=seed, on_long=on_long)  # fmt: skip
+    loaded = open_model(model, "generate", device=resolve_device(device))
+    if prompt is not None:
+        stream = output is None and fmt == "text" and sys.stdout.isatty()
+        shown = [0]
+
+        def on_text(row, text):
+            sys.stdout.write(text[shown[0]:])
+            sys.stdout.flush()
+            shown[0] = len(text)
+
+        prefix = prompt if echo else ""
+        if stream:
+            sys.stdout.write(prefix)
+        results = run_generate(loaded, [prompt], settings, max_new_tokens, on_text=on_text if stream else None)
+        result = next(iter(results))
+        if stream:
+            sys.stdout.write(result.text[shown[0]:] + "\n")
+            return
+        if fmt == "text":
+            from llmcli.io import output_lines
+
+            with output_lines(output) as writer:
+                writer.stream.write(prefix + result.text + "\n")
+            return
+        _write_outputs([result], fmt, output, quiet, "generate")
+        return
+    lines = list(_input_lines([input])) if echo else None
+    results = run_generate(loaded, _input_lines([input]), settings, max_new_tokens)
+    if echo:
+        from llmcli.tasks import Output
+
+        results = (Output([p + r.text], r.scores) for p, r in zip(lines, results))
+    _write_outputs(results, fmt, output, quiet, "generate")
+
+
+@app.command()
+@handle_errors
+def chat(
+    model: str = MODEL,
+    max_new_tokens: int = typer.Option(100, help="Most tokens per reply."),
+    temperature: float = typer.Option(0.8, help="Sampling temperature."),
+    top_k: int = typer.Option(50, help="Sample among the k most likely tokens (0: all)."),
+    top_p: float = typer.Option(0.95, help="Nucleus sampling mass."),
+    seed: int = typer.Option(None, help="Random seed."),
+    device: str = DEVICE,
+    quiet: bool = QUIET,
+) -> None:
+    """Talk with a decoder-only model: one line in, one line out. /reset forgets, /exit or Ctrl-D ends.
+
+    Example: llmcli chat -m shakespeare
+    """
+    import sys
+
+    from llmcli.tasks import ChatSession, open_model
+    from llmcli.train import resolve_device
+
+    _set_quiet(quiet)
+    settings = _settings(sample=True, temperature=temperature, top_k=top_k or None, top_p=top_p, seed=seed)
+    session = ChatSession(open_model(model, "chat", device=resolve_device(device)), settings, max_new_tokens)
+    interactive = sys.stdin.isatty()
+    if interactive and not quiet:
+        print("chat: /reset forgets the conversation, /exit or Ctrl-D ends it", file=sys.stderr)
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:  # Ctrl-D or end of input
+            if interactive:
+                print(file=sys.stderr)
+            return
+        message = line.rstrip("\r\n")
+        if message.strip() == "/exit":
+            return
+        if message.strip() == "/reset":
+            session.reset()
+            if interactive and not quiet:
+                print("(conversation reset)", file=sys.stderr)
+            continue
+
+        def show(text: str) -> None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+        session.reply(message, on_text=show)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+@app.command()
+@handle_errors
+def info(model: str = MODEL, json_: bool = typer.Option(False, "--json", help="One JSON object.")) -> None:
+    """Describe a model: architecture, size, vocabulary, positions, tasks.
+
+    Example: llmcli info -m en-de
+    """
+    import json
+
+    from llmcli.checkpoint import load_model
+    from llmcli.tasks import describe
+
+    facts = describe(load_model(model))
+    if json_:
+        print(json.dumps(facts, ensure_ascii=False))
+        return
+    for key, value in facts.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k} {v}" for k, v in value.items())
+        elif isinstance(value, list):
+            value = ", ".join(value)
+        elif isinstance(value, int) and key == "parameters":
+            value = f"{value:,}"
+        print(f"{key:14} {value}")
+
+
+@app.command()
+@handle_errors
+def demo(
+    retrain: bool = typer.Option(False, help="Train again even if the demo model is already cached."),
+    max_minutes: float = typer.Option(3.0, help="Training time budget."),
+    quiet: bool = QUIET,
+) -> None:
+    """Train a small English -> Chinese number translator on generated data, then test it.
+
+    Everything is offline: the corpus is generated by code. The model is kept under
+    ~/.cache/llmcli (or $XDG_CACHE_HOME, $LLMCLI_CACHE) and reused on the next run.
+
+    Example: llmcli demo
+    """
+    from llmcli.demo import run_demo
+    from llmcli.progress import TrainReporter
+
+    _set_quiet(quiet)
+    reporter = TrainReporter(quiet=quiet)
+    reporter.log("llmcli demo: English number words -> Chinese numerals (e.g. 'forty-two' -> 四十二)")
+    result = run_demo(retrain=retrain, max_minutes=max_minutes, reporter=reporter)
+    if result.trained:
+        reporter.log(f"trained {result.steps} steps in {result.train_seconds:.0f}s")
+    else:
+        reporter.log(f"reusing the model in {result.model_dir} (--retrain to train again)")
+    width = max(len(src) for src, _, _ in result.examples)
+    print(f"{'input':{width}}  {'reference':12}  output")
+    for src, ref, out in result.examples:
+        mark = "" if out == ref else "   (wrong)"
+        print(f"{src:{width}}  {ref:{12 - _wide(ref)}}  {out}{mark}")
+    print(f"held-out numbers: {result.n_test}   exact match: {result.exact_match:.1f}%   chrF: {result.chrf:.1f}")
+    print(f"model: {result.model_dir}")
+    print("try:")
+    print(f"  echo 'seventy-seven thousand three hundred one' | llmcli translate -m {result.model_dir}")
+    print(f"  llmcli translate -m {result.model_dir} {result.data_dir / 'test.en'} > out.zh")
+    print(f"  llmcli eval --metric chrf out.zh --ref {result.data_dir / 'test.zh'}")
+
+
+def _wide(text: str) -> int:
+    # Chinese characters take two terminal columns; pad by display width, not length.
+    import unicodedata
+
+    return sum(unicodedata.east_asian_width(c) in "WF" for c in text)
+
+
+def _parse_overrides(items: list[str]) -> dict:
+    import json
+
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set d_model=384")
+        try:
+            overrides[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = value
+    return overrides
+
+
+from llmcli.cli_eval import eval_command  # noqa: E402  (after handle_errors exists)
+
+app.command("eval")(handle_errors(eval_command))
+
+
+def _restore_sigpipe() -> None:
+    # `llmcli translate big.txt | head -1` should end quietly, as other Unix tools do
+    # (sacrebleu does the same), not with a BrokenPipeError traceback.
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+
+
+def main() -> None:
+    _restore_sigpipe()
+    # Text streams are UTF-8 whatever the locale says.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(encoding="utf-8", errors="replace")
+    app(prog_name="llmcli")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import run_cli, train_args
+from llmcli.cli import app
+from llmcli.data import make_batches
+from llmcli.train import TrainOptions, learning_rate
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, list(args))
+
+
+def test_resume_is_bit_for_bit(number_corpus, tmp_path):
+    a, b = tmp_path / "A", tmp_path / "B"
+    # Dropout is on (0.1 in TINY_CONFIG), so this also checks the RNG state is restored.
+    assert invoke(*train_args(number_corpus, a, "--max-steps", "12")).exit_code == 0
+    assert invoke(*train_args(number_corpus, b, "--max-steps", "6")).exit_code == 0
+    resumed = invoke("train", "--task", "translate", "--resume", str(b), "--max-steps", "12", "--quiet")
+    assert resumed.exit_code == 0, resumed.output
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    state = json.loads((b / "train_state" / "state.json").read_text())
+    assert state["progress"]["step"] == 12
+
+
+def test_resume_of_finished_run_says_what_to_do(number_corpus, tmp_path):
+    out = tmp_path / "m"
+    assert invoke(*train_args(number_corpus, out, "--max-steps", "2")).exit_code == 0
+    again = invoke("train", "--task", "translate", "--resume", str(out), "--max-steps", "2")
+    assert again.exit_code == 2
+    assert "raise --max-steps" in again.output
+
+
+def test_training_lowers_validation_loss_and_keeps_best(number_corpus, tmp_path):
+    out = tmp_path / "m"
+    args = train_args(number_corpus, out, "--max-steps", "20", "--valid-every", "10",
+                      "--valid-src", str(number_corpus / "valid.en"), "--valid-tgt", str(number_corpus / "valid.zh"))
+    result = invoke(*[a for a in args if a != "--quiet"])  # the validation lines are what we read
+    assert result.exit_code == 0, result.output
+    losses = [float(line.split("validation loss ")[1].split(",")[0]) for line in result.output.splitlines() if line.startswith("step ")]
+    assert len(losses) == 2 and losses[1] < losses[0]
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation.json"):
+        assert (out / name).is_file()
+
+
+def test_existing_run_is_not_overwritten(number_corpus, tmp_path):
+    out = tmp_path / "m"
+    assert invoke(*train_args(number_corpus, out, "--max-steps", "1")).exit_code == 0
+    before = (out / "model.safetensors").read_bytes()
+    again = invoke(*train_args(number_corpus, out, "--max-steps", "1"))
+    assert again.exit_code == 2 and "--resume" in again.output
+    assert (out / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: (d / "train.zh").write_text("一\n二\n", encoding="utf-8"), "must be line-aligned"),
+        (lambda d: [(d / f).write_text("", encoding="utf-8") for f in ("train.en", "train.zh")], "empty"),
+        (lambda d: (d / "train.en").unlink(), "no such file"),
+    ],
+)
+def test_bad_training_data_is_one_line_exit_2(number_corpus, tmp_path, mutate, message):
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in ("train.en", "train.zh"):
+        (data / f).write_bytes((number_corpus / f).read_bytes())
+    mutate(data)
+    result = run_cli(*train_args(data, tmp_path / "out", "--max-steps", "1"))
+    assert result.returncode == 2
+    err = result.stderr.decode()
+    assert err.startswith("llmcli: error:") and message in err and len(err.strip().splitlines()) == 1
+    assert b"Traceback" not in result.stderr
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint_and_exits_130(number_corpus, tmp_path):
+    out = tmp_path / "m"
+    args = [a for a in train_args(number_corpus, out, "--max-steps", "100000") if a != "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-m", "llmcli", *args], stderr=subprocess.PIPE, stdout=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    seen = b""
+    while b"parameters" not in seen and time.monotonic() < deadline:
+        seen += proc.stderr.readline()
+    time.sleep(1.5)  # a few steps in
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()
+    assert b"Traceback" not in err
+    assert b"resume with: llmcli train --resume" in err
+    state = json.loads((out / "train_state" / "state.json").read_text())
+    assert state["progress"]["step"] >= 1
+    resumed = invoke("train", "--task", "translate", "--resume", str(out), "--max-steps", str(state["progress"]["step"] + 2), "--quiet")
+    assert resumed.exit_code == 0, resumed.output
+
+
+def test_decoder_only_language_model_trains_and_generates(tiny_lm):
+    gen = invoke("generate", "-m", str(tiny_lm), "the cat", "--greedy", "--max-new-tokens", "8")
+    assert gen.exit_code == 0, gen.output
+    assert gen.output.endswith("\n") and gen.output.count("\n") == 1
+    # 40 steps on a repetitive corpus: far better than chance (perplexity = vocabulary size, 300).
+    text = tiny_lm.parent / "corpus.txt"
+    ppl = invoke("eval", "--metric", "perplexity", "-m", str(tiny_lm), str(text), "--json")
+    assert ppl.exit_code == 0, ppl.output
+    assert json.loads(ppl.output)["score"] < 30
+    info = invoke("info", "-m", str(tiny_lm), "--json")
+    assert json.loads(info.output)["architecture"] == "decoder-only"
+
+
+def test_qa_trains_from_jsonl(tmp_path):
+    data = tmp_path / "qa.jsonl"
+    rows = [{"question": f"what is item {i}?", "context": f"item {i} is a {c}.", "answer": c}
+            for i, c in enumerate(["cat", "dog", "cow"] * 20)]  # fmt: skip
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "qa"
+    result = invoke("train", "--task", "qa", "--data", str(data), "--out", str(out), "--vocab-size", "300",
+                    "--batch-tokens", "512", "--max-steps", "5", "--quiet", *TINY_CONFIG)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    answered = runner.invoke(app, ["qa", "-m", str(out), "--beam", "1"], input=json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n")
+    assert answered.exit_code == 0, answered.output
+    assert len(answered.output.splitlines()) == 2  # blank JSONL lines are not questions
+
+
+def test_batches_depend_only_on_seed_and_epoch():
+    lengths = [5, 9, 3, 12, 7, 7, 2, 30, 4, 8] * 10
+    a = make_batches(lengths, 64, seed=3, epoch=1)
+    assert a == make_batches(lengths, 64, seed=3, epoch=1)
+    assert a != make_batches(lengths, 64, seed=3, epoch=2)
+    assert sorted(i for b in a for i in b) == list(range(len(lengths)))
+    assert all(max(lengths[i] for i in b) * len(b) <= 64 or len(b) == 1 for b in a)
+
+
+def test_learning_rate_schedule():
+    opts = TrainOptions(task="translate", out="x", lr=1e-3, warmup_steps=100, max_steps=1000)
+    assert learning_rate(50, opts) == pytest.approx(5e-4)
+    assert learning_rate(100, opts) == pytest.approx(1e-3)
+    assert learning_rate(400, opts) == pytest.approx(5e-4)  # inverse square root
+    cosine = TrainOptions(task="translate", out="x", lr=1e-3, warmup_steps=100, max_steps=1000, schedule="cosine")
+    assert learning_rate(1000, cosine) == pytest.approx(1e-4)
