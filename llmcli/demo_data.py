@@ -62,13 +62,15 @@ def chinese(n: int) -> str:
 
 
 def splits(n_train: int = 40_000, n_valid: int = 300, n_test: int = 500, seed: int = 1234) -> dict[str, list[int]]:
-    """Disjoint random sets of numbers: every small number is in training (there are few and
-    each is a building block), the rest is sampled."""
+    """Disjoint random sets of numbers. Every number below 1,000 is in training, four times
+    over: there are few of them, each is a building block of the larger ones, and users try
+    them first. The held-out sets are sampled from the larger numbers."""
     rng = random.Random(seed)
     pool = list(range(1000, LIMIT))
     rng.shuffle(pool)
     test, valid = pool[:n_test], pool[n_test : n_test + n_valid]
-    train = list(range(1000)) + pool[n_test + n_valid : n_test + n_valid + n_train - 1000]
+    small = list(range(1000)) * 4 if n_train >= 8000 else list(range(1000))
+    train = small + pool[n_test + n_valid : n_test + n_valid + max(n_train - len(small), 0)]
     rng.shuffle(train)
     return {"train": train, "valid": valid, "test": test}
 

@@ -117,7 +117,8 @@ def test_head_closing_the_pipe_ends_quietly(tiny_model, tmp_path):
 def test_ctrl_c_exits_130_with_only_complete_lines(tiny_model, tmp_path):
     big = tmp_path / "big.en"
     big.write_text("seventy-seven thousand three hundred one\n" * 20000)
-    proc = subprocess.Popen([sys.executable, "-m", "llmcli", "translate", "-m", str(tiny_model), "--beam", "1", str(big)],
+    proc = subprocess.Popen([sys.executable, "-m", "llmcli", "translate", "-m", str(tiny_model), "--beam", "1",
+                             "--chunk-lines", "50", str(big)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     first = proc.stdout.readline()  # it is producing output
     assert first.endswith(b"\n")

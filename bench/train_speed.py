@@ -1,0 +1,109 @@
+"""Training throughput: llmcli's model vs Hugging Face's MarianMTModel of the same shape.
+
+Both train on the same token batches (real Multi30k sentences when ../shared/data is present,
+random tokens of Multi30k-like lengths otherwise) with the same AdamW; steps alternate between
+the two so machine noise hits both alike. Reports target tokens/s and the ratio.
+
+    python bench/train_speed.py                 # transformer-base, 6 timed steps each
+    python bench/train_speed.py --preset small --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from llmcli.config import preset
+from llmcli.data import IGNORE_INDEX, collate, make_batches, seq2seq_example
+from llmcli.model import Transformer
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
+
+
+def batches(vocab: int, batch_tokens: int, n: int, seed: int = 0):
+    if (SHARED / "train.en").exists():
+        from llmcli.tokenizer import train_tokenizer
+
+        en = (SHARED / "train.en").read_text(encoding="utf-8").splitlines()[:5000]
+        de = (SHARED / "train.de").read_text(encoding="utf-8").splitlines()[:5000]
+        tok = train_tokenizer(en + de, vocab_size=vocab)
+        pairs = list(zip(tok.encode_batch(en), tok.encode_batch(de)))
+        source = "multi30k"
+    else:
+        g = torch.Generator().manual_seed(seed)
+        lengths = torch.randint(8, 24, (5000,), generator=g).tolist()
+        pairs = [(torch.randint(4, vocab, (n_,), generator=g).tolist(),) * 2 for n_ in lengths]
+        source = "random tokens"
+    examples = [seq2seq_example(s, t, start_id=1, eos_id=2, max_len=256) for s, t in pairs]
+    order = make_batches([max(len(e.src), len(e.tgt)) for e in examples], batch_tokens, seed=seed, epoch=0)
+    return [collate([examples[i] for i in b], pad_id=0) for b in order[:n]], source
+
+
+def hf_marian(cfg):
+    from transformers import MarianConfig, MarianMTModel
+
+    hf_cfg = MarianConfig(
+        vocab_size=cfg.vocab_size, d_model=cfg.d_model, encoder_layers=cfg.n_encoder_layers,
+        decoder_layers=cfg.n_decoder_layers, encoder_attention_heads=cfg.n_heads, decoder_attention_heads=cfg.n_heads,
+        encoder_ffn_dim=cfg.d_ff, decoder_ffn_dim=cfg.d_ff, activation_function="relu", dropout=cfg.dropout,
+        attention_dropout=0.0, activation_dropout=0.0, max_position_embeddings=cfg.max_positions, pad_token_id=0,
+        eos_token_id=2, decoder_start_token_id=1, scale_embedding=True, share_encoder_decoder_embeddings=True,
+    )  # fmt: skip
+    return MarianMTModel(hf_cfg)
+
+
+def ours_step(model, batch):
+    logits = model(batch.tokens, batch.src, batch.src_mask)
+    return F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX, label_smoothing=0.1)
+
+
+def hf_step(model, batch):
+    out = model(input_ids=batch.src, attention_mask=batch.src_mask.long(), decoder_input_ids=batch.tokens)
+    return F.cross_entropy(out.logits.flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX, label_smoothing=0.1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="base")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--batch-tokens", type=int, default=4096)
+    parser.add_argument("--vocab", type=int, default=8000)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    cfg = preset(args.preset, vocab_size=args.vocab, max_positions=256)
+    data, source = batches(args.vocab, args.batch_tokens, args.steps + 1)
+    contenders = {"llmcli": (Transformer(cfg), ours_step)}
+    try:
+        contenders["transformers"] = (hf_marian(cfg), hf_step)
+    except ImportError:
+        print("transformers is not installed: measuring llmcli alone")
+    optimizers = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, foreach=True) for k, (m, _) in contenders.items()}
+    rates: dict[str, list[float]] = {k: [] for k in contenders}
+    for i, batch in enumerate(data):
+        for name, (model, step) in contenders.items():
+            model.train()
+            started = time.perf_counter()
+            loss = step(model, batch)
+            optimizers[name].zero_grad()
+            loss.backward()
+            optimizers[name].step()
+            seconds = time.perf_counter() - started
+            if i > 0:  # the first step warms up allocators and kernels
+                rates[name].append(batch.n_target_tokens / seconds)
+    n_params = sum(p.numel() for p in contenders["llmcli"][0].parameters())
+    print(f"preset {args.preset} ({n_params / 1e6:.1f}M parameters), {source}, batch {args.batch_tokens} tokens, "
+          f"{args.steps} timed steps, {torch.get_num_threads()} threads")  # fmt: skip
+    for name, values in rates.items():
+        print(f"{name:14} {statistics.median(values):10,.0f} target tokens/s (median)")
+    if "transformers" in rates:
+        ratio = statistics.median(rates["llmcli"]) / statistics.median(rates["transformers"])
+        print(f"ratio llmcli / transformers: {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
