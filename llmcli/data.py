@@ -1,7 +1,10 @@
 """Training examples, length-bucketed batches by token count, and collation.
 
 The batch order of an epoch is a pure function of (lengths, batch_tokens, seed, epoch),
-so a resumed run recomputes it and skips to where it stopped.
+so a resumed run recomputes it and skips to where it stopped. A position in that order,
+(epoch, index of the batch in the epoch), is the same whatever the number of processes:
+each optimizer step takes the next `accumulate x processes` batches and every process
+knows them all, working on its own share.
 """
 
 from __future__ import annotations
@@ -73,6 +76,35 @@ def make_batches(lengths: list[int], batch_tokens: int, seed: int, epoch: int) -
         batches.append(current)
     rng.shuffle(batches)
     return batches
+
+
+def target_tokens(ex: Example) -> int:
+    """Tokens the loss counts for this example (its labels after collation)."""
+    return len(ex.tgt) - 1
+
+
+class BatchStream:
+    """Batches over endless epochs, addressed by position (epoch, index in the epoch)."""
+
+    def __init__(self, lengths: list[int], batch_tokens: int, seed: int):
+        self.lengths, self.batch_tokens, self.seed = lengths, batch_tokens, seed
+        self._epoch, self._batches = -1, []
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        if epoch != self._epoch:
+            self._epoch, self._batches = epoch, make_batches(self.lengths, self.batch_tokens, self.seed, epoch)
+        return self._batches
+
+    def take(self, epoch: int, index: int, n: int) -> tuple[list[tuple[int, int, list[int]]], int, int]:
+        """The n batches from position (epoch, index) on, each with its position, and the
+        position after them. Pure: the caller commits the new position when the step is done."""
+        taken = []
+        for _ in range(n):
+            if index >= len(self.epoch_batches(epoch)):
+                epoch, index = epoch + 1, 0
+            taken.append((epoch, index, self.epoch_batches(epoch)[index]))
+            index += 1
+        return taken, epoch, index
 
 
 def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
