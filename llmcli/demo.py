@@ -96,6 +96,7 @@ def run_demo(retrain: bool = False, max_minutes: float = 3.0, reporter=None, see
     exact = metrics.exact(outputs, [chinese])["score"]
     chrf = metrics.chrf(outputs, [chinese])["score"]
     picks = [0, 1, 2, 3, 4]
-    wrong = [i for i, (o, r) in enumerate(zip(outputs, chinese)) if o != r][:1]
+    # Show the first mistake too, if the shown examples hold none: an honest sample.
+    wrong = [i for i, (o, r) in enumerate(zip(outputs, chinese)) if o != r and i not in picks][:1]
     examples = [(english[i], chinese[i], outputs[i]) for i in picks + wrong]
     return DemoResult(model_dir, data_dir, trained, seconds, steps, examples, exact, chrf, len(english))
