@@ -139,7 +139,9 @@ def save_model(
     if generation is not None:
         with atomic_write(directory / GENERATION_FILE) as f:
             f.write(json.dumps(generation, indent=2, ensure_ascii=False) + "\n")
-    save_weights(directory / WEIGHTS_FILE, model_tensors(model), metadata={"format": "pt", "llmcli": "1"})
+    # One metadata key: safetensors writes a dict's keys in no fixed order, and the same
+    # weights must give the same bytes (resume is checked byte for byte).
+    save_weights(directory / WEIGHTS_FILE, model_tensors(model), metadata={"format": "pt"})
     return directory
 
 
@@ -149,6 +151,12 @@ def is_model_dir(path: str | Path) -> bool:
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """An llmcli model directory; or a Hugging Face directory or model id, converted (see hub.py)."""
+    from llmcli.hub import load_foreign
+
+    loaded = load_foreign(str(directory), device)
+    if loaded is not None:
+        return loaded
     directory = Path(directory)
     if not directory.exists():
         raise UserError(f"{directory}: no such model directory")
@@ -161,10 +169,12 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Loa
                 hint = " (it has pytorch_model.bin: convert it with `llmcli convert`)"
             raise UserError(f"{directory}: missing {name}{hint}")
     cfg = ModelConfig.load(directory / CONFIG_FILE)
-    tokenizer = Tokenizer.load(directory / TOKENIZER_FILE)
+    generation = _read_generation(directory)
+    names = generation.get("special_tokens") or {}  # a converted model's own token names
+    tokenizer = Tokenizer.load(directory / TOKENIZER_FILE, **names)
     source_tokenizer = tokenizer
     if (directory / SOURCE_TOKENIZER_FILE).is_file():
-        source_tokenizer = Tokenizer.load(directory / SOURCE_TOKENIZER_FILE)
+        source_tokenizer = Tokenizer.load(directory / SOURCE_TOKENIZER_FILE, **names)
     if tokenizer.vocab_size > cfg.output_vocab_size:
         raise UserError(
             f"{directory}: tokenizer.json has {tokenizer.vocab_size} tokens but the model's output vocabulary is {cfg.output_vocab_size}"
@@ -173,6 +183,14 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Loa
         raise UserError(
             f"{directory}: the source tokenizer has {source_tokenizer.vocab_size} tokens but the model's vocabulary is {cfg.vocab_size}"
         )
+    tensors = load_weights(directory / WEIGHTS_FILE)
+    model = Transformer(cfg).to(device)
+    load_state_into(model, tensors, str(directory / WEIGHTS_FILE))
+    model.eval()
+    return LoadedModel(model, tokenizer, source_tokenizer, generation, directory)
+
+
+def _read_generation(directory: Path) -> dict:
     generation = {}
     if (directory / GENERATION_FILE).is_file():
         try:
@@ -181,9 +199,5 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Loa
             raise UserError(f"{directory / GENERATION_FILE}: not valid JSON ({e})") from None
         if not isinstance(generation, dict):
             raise UserError(f"{directory / GENERATION_FILE}: expected a JSON object")
-    tensors = load_weights(directory / WEIGHTS_FILE)
-    model = Transformer(cfg).to(device)
-    load_state_into(model, tensors, str(directory / WEIGHTS_FILE))
-    model.eval()
-    return LoadedModel(model, tokenizer, source_tokenizer, generation, directory)
+    return generation
 

@@ -85,8 +85,8 @@ def train(
     separate_vocab: bool = typer.Option(False, help="Separate source and target vocabularies (default: one shared)."),
     preset: str = typer.Option("small", help="Model size: tiny | small | base."),
     set_: list[str] = typer.Option(None, "--set", help="Override a config field, e.g. --set d_model=384 (repeatable)."),
-    batch_tokens: int = typer.Option(4096, help="Tokens per batch (padded), batches grouped by length."),
-    accumulate: int = typer.Option(1, help="Batches per optimizer step (gradient accumulation)."),
+    batch_tokens: int = typer.Option(4096, help="Tokens per batch (padded) on each process, batches grouped by length."),
+    accumulate: int = typer.Option(None, help="Batches per optimizer step on each process (gradient accumulation); global batch = batch-tokens x accumulate x processes. Default 1; on --resume, what keeps the run's global batch.", show_default=False),
     lr: float = typer.Option(7e-4, help="Peak learning rate."),
     warmup: int = typer.Option(400, help="Linear warmup steps."),
     schedule: str = typer.Option("inverse_sqrt", help="inverse_sqrt | cosine | constant, after warmup."),
@@ -99,14 +99,30 @@ def train(
     patience: int = typer.Option(None, help="Stop after N validations without improvement."),
     block_size: int = typer.Option(256, help="generate: tokens per training sequence."),
     seed: int = typer.Option(1, help="Random seed: same seed, same data, same model."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
-    resume: str = typer.Option(None, help="Continue the run in this directory exactly where it stopped."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (under torchrun: each process its LOCAL_RANK's GPU)."),
+    precision: str = typer.Option("fp32", help="fp32 | bf16 | fp16 (autocast; fp16 with a gradient scaler)."),
+    nproc: int = typer.Option(None, help="Train on N processes of this machine (GPUs, or CPU with gloo) through torchrun."),
+    keep_checkpoints: int = typer.Option(0, help="Keep the model of the last N saves under OUT/checkpoints/ (for llmcli average)."),
+    resume: str = typer.Option(None, help="Continue the run in this directory exactly where it stopped (on any number of processes)."),
     quiet: bool = QUIET,
 ) -> None:
     """Train a model (and its tokenizer) from your own text files.
 
     Example: llmcli train --task translate --src train.en --tgt train.de --valid-src val.en --valid-tgt val.de --out en-de
+    (add --nproc 4 for 4 GPUs; or start it under torchrun, as in the README)
     """
+    from llmcli import distributed
+
+    if nproc is not None and nproc < 1:
+        raise UserError("--nproc must be at least 1")
+    if nproc is not None and nproc > 1:
+        if distributed.world_from_env().distributed:
+            raise UserError("--nproc starts torchrun; under torchrun leave it out")
+        if "train" not in sys.argv[1:]:
+            raise UserError("--nproc works from the llmcli command line; from Python, start torchrun yourself")
+        raise typer.Exit(distributed.launch(nproc, distributed.strip_nproc(sys.argv[1:]), debug=_State.debug))
+    world = distributed.world_from_env()
+    quiet = quiet or not world.is_main  # one process reports: rank 0
     _set_quiet(quiet)
     from llmcli.progress import TrainReporter
     from llmcli.train import TrainOptions, train as run_training
@@ -127,9 +143,27 @@ def train(
         batch_tokens=batch_tokens, accumulate=accumulate, lr=lr, warmup_steps=warmup, schedule=schedule,
         weight_decay=weight_decay, label_smoothing=label_smoothing, clip_norm=clip_norm, max_steps=max_steps,
         max_minutes=max_minutes, valid_every=valid_every, patience=patience, seed=seed, device=device,
+        precision=precision, keep_checkpoints=keep_checkpoints,
     )  # fmt: skip
     reporter = TrainReporter(quiet=quiet)
-    result = run_training(options, reporter, resume=resume is not None)
+    try:
+        result = run_training(options, reporter, resume=resume is not None)
+    except UserError as e:
+        if not world.distributed:
+            raise
+        # Every process meets the same error: the launcher (or torchrun's summary) says it once.
+        distributed.record_error(str(e).splitlines()[0] if str(e) else "UserError")
+        if world.is_main and not distributed.launched_by_llmcli():
+            raise
+        raise typer.Exit(2) from None
+    except distributed.PeerLost as e:
+        if not distributed.launched_by_llmcli():  # else the launcher names the process that failed
+            print(f"llmcli: error: {e}", file=sys.stderr, flush=True)
+        raise typer.Exit(distributed.PEER_LOST_EXIT) from None
+    except KeyboardInterrupt:
+        if world.is_main:
+            raise
+        raise typer.Exit(130) from None
     summary = f"trained {result.steps} steps in {result.elapsed:.0f}s ({result.tokens_per_second:,.0f} target tokens/s)"
     if result.valid_loss is not None:
         summary += f", best validation loss {result.valid_loss:.4f} (perplexity {result.valid_perplexity:.2f})"
@@ -140,6 +174,7 @@ def train(
 MODEL = typer.Option(..., "--model", "-m", help="Model directory (config.json, model.safetensors, tokenizer.json).")
 DEVICE = typer.Option("auto", help="auto | cpu | cuda | cuda:N.")
 ON_LONG = typer.Option("truncate", help="Inputs longer than the model's positions: truncate | error | skip (with a warning).")
+CHUNK_LINES = typer.Option(2000, help="Lines read, sorted by length and batched together (1 on a terminal).")
 FORMAT = typer.Option("text", "--format", help="text | jsonl | tsv (index<TAB>score<TAB>text, one row per hypothesis).")
 
 
@@ -153,7 +188,26 @@ def _settings(**fields):
         raise UserError("--beam and --n-best must be at least 1")
     if fields.get("n_best", 1) > max(fields.get("beam_size", 1), 1) and not fields.get("sample"):
         raise UserError(f"--n-best {fields['n_best']} needs --beam of at least {fields['n_best']}")
-    return DecodeSettings(**{k: v for k, v in fields.items() if v is not None})
+    return DecodeSettings(**{k: v for k, v in fields.items() if v is not None}, given=_given_options())
+
+
+_OPTION_FIELDS = {"beam": "beam_size", "no_repeat_ngram": "no_repeat_ngram_size", "greedy": "sample"}
+
+
+def _given_options() -> frozenset:
+    """The DecodeSettings fields set on the command line; a model's generation.json fills the others."""
+    import importlib
+
+    for name in ("typer._click.globals", "click.globals"):  # typer >= 0.2x vendors click
+        try:
+            ctx = importlib.import_module(name).get_current_context(silent=True)
+        except ImportError:
+            continue
+        if ctx is not None:
+            sources = {n: ctx.get_parameter_source(n) for n in ctx.params}
+            return frozenset(_OPTION_FIELDS.get(n, n) for n, source in sources.items()
+                             if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"))  # fmt: skip
+    return frozenset()
 
 
 def _input_lines(files: list[str] | None):
@@ -167,14 +221,17 @@ def _input_lines(files: list[str] | None):
 def _write_outputs(outputs, fmt: str, output: str | None, quiet: bool, label: str) -> None:
     """Results to stdout (or atomically to --output), one line per input in text mode."""
     import json
+    import time
 
     from llmcli.io import output_lines
     from llmcli.progress import LineProgress
 
     if fmt not in ("text", "jsonl", "tsv"):
         raise UserError(f"--format {fmt!r} is not text, jsonl or tsv")
+    started, tokens = time.monotonic(), 0
     with LineProgress(quiet, label) as bar, output_lines(output) as writer:
         for index, result in enumerate(outputs):
+            tokens += result.tokens
             if fmt == "text":
                 writer.write(result.text)
             elif fmt == "jsonl":
@@ -183,15 +240,21 @@ def _write_outputs(outputs, fmt: str, output: str | None, quiet: bool, label: st
             else:
                 for text, score in zip(result.texts, result.scores):
                     writer.write(f"{index}\t{score:.6f}\t{text}")
-            if bar.enabled and index % 16 == 0:
-                bar.update(index + 1, 0, 1.0)
+            if bar.enabled:
+                bar.update(index + 1, tokens, time.monotonic() - started)
 
 
 def _seq2seq_command(task, files, model, device, quiet, fmt, output, progress_label, records=None, **settings):
     from llmcli.tasks import open_model, seq2seq
     from llmcli.train import resolve_device
 
+    import sys
+
     _set_quiet(quiet)
+    if settings.get("chunk_lines", 1) < 1:
+        raise UserError("--chunk-lines must be at least 1")
+    if records is None and not files and sys.stdin.isatty():
+        settings["chunk_lines"] = 1  # someone is typing: answer each line as it comes
     decode = _settings(**settings)
     loaded = open_model(model, task, device=resolve_device(device))
     sources = records if records is not None else _input_lines(files)
@@ -209,6 +272,7 @@ def translate(
     max_len: int = typer.Option(None, help="Most output tokens (default: 2 x source + 10)."),
     no_repeat_ngram: int = typer.Option(0, help="Never repeat an n-gram of this size (0: off)."),
     batch_tokens: int = typer.Option(4096, help="Source tokens x beam per batch."),
+    chunk_lines: int = CHUNK_LINES,
     fmt: str = FORMAT,
     output: str = typer.Option(None, "--output", "-o", help="Write here (atomically) instead of stdout."),
     on_long: str = ON_LONG,
@@ -221,7 +285,7 @@ def translate(
     """
     _seq2seq_command("translate", files, model, device, quiet, fmt, output, "translate", beam_size=beam, n_best=n_best,
                      length_penalty=length_penalty, max_len=max_len, no_repeat_ngram_size=no_repeat_ngram,
-                     batch_tokens=batch_tokens, on_long=on_long)  # fmt: skip
+                     batch_tokens=batch_tokens, chunk_lines=chunk_lines, on_long=on_long)  # fmt: skip
 
 
 @app.command()
@@ -236,6 +300,7 @@ def summarize(
     min_len: int = typer.Option(0, help="Fewest summary tokens."),
     no_repeat_ngram: int = typer.Option(3, help="Never repeat an n-gram of this size (0: off)."),
     batch_tokens: int = typer.Option(8192, help="Source tokens x beam per batch."),
+    chunk_lines: int = CHUNK_LINES,
     fmt: str = FORMAT,
     output: str = typer.Option(None, "--output", "-o", help="Write here (atomically) instead of stdout."),
     on_long: str = ON_LONG,
@@ -248,7 +313,8 @@ def summarize(
     """
     _seq2seq_command("summarize", files, model, device, quiet, fmt, output, "summarize", beam_size=beam, n_best=n_best,
                      length_penalty=length_penalty, max_len=max_len, min_len=min_len,
-                     no_repeat_ngram_size=no_repeat_ngram, batch_tokens=batch_tokens, on_long=on_long)  # fmt: skip
+                     no_repeat_ngram_size=no_repeat_ngram, batch_tokens=batch_tokens, chunk_lines=chunk_lines,
+                     on_long=on_long)  # fmt: skip
 
 
 @app.command()
@@ -271,16 +337,24 @@ def qa(
     Example: echo '{"question": "Who wrote it?", "context": "It was written by Ada."}' | llmcli qa -m qa-model
     """
     from llmcli.io import read_text
-    from llmcli.qa_data import qa_source, read_qa_records
+    from llmcli.qa_data import QARecord, qa_source, read_qa_records
+    from llmcli.tasks import extractive_qa, open_model, seq2seq
+    from llmcli.train import resolve_device
 
+    _set_quiet(quiet)
     if question is not None:
         if context_file is None:
             raise UserError("--question needs --context-file FILE")
-        sources = [qa_source(question, read_text(context_file).strip())]
+        records = [QARecord(question, read_text(context_file).strip())]
     else:
-        sources = (qa_source(r.question, r.context) for r in read_qa_records(file))
-    _seq2seq_command("qa", None, model, device, quiet, fmt, output, "qa", records=sources, beam_size=beam,
-                     max_len=max_len, on_long=on_long)  # fmt: skip
+        records = read_qa_records(file)
+    decode = _settings(beam_size=beam, max_len=max_len, on_long=on_long)
+    loaded = open_model(model, "qa", device=resolve_device(device))
+    if loaded.config.architecture == "encoder-only":  # extractive (BERT): a span of the context
+        outputs = extractive_qa(loaded, records, max_answer_len=max_len, on_long=decode.on_long)
+    else:
+        outputs = seq2seq(loaded, (qa_source(r.question, r.context) for r in records), decode)
+    _write_outputs(outputs, fmt, output, quiet, "qa")
 
 
 @app.command()
@@ -497,6 +571,11 @@ def _parse_overrides(items: list[str]) -> dict:
 from llmcli.cli_eval import eval_command  # noqa: E402  (after handle_errors exists)
 
 app.command("eval")(handle_errors(eval_command))
+from llmcli.cli_average import average_command  # noqa: E402
+app.command("average")(handle_errors(average_command))
+from llmcli.cli_convert import convert_command  # noqa: E402
+
+app.command("convert")(handle_errors(convert_command))
 
 
 def _restore_sigpipe() -> None:

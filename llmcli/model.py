@@ -1,7 +1,8 @@
 """The Transformer: attention, blocks, encoder, decoder, key/value cache.
 
-One `Transformer` class covers encoder-decoder and decoder-only models; every
-architectural variant is a `ModelConfig` field, decided when modules are built.
+One `Transformer` class covers encoder-decoder, decoder-only and encoder-only models
+(the last with a span-prediction head, for extractive QA); every architectural variant
+is a `ModelConfig` field, decided when modules are built.
 
 Shapes: B batch, T target/query length, S key length, H heads, D head dim, V vocab.
 
@@ -61,14 +62,16 @@ class FeedForward(nn.Module):
         self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias) if cfg.glu else None
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
         self.act = ACTIVATIONS[cfg.activation]
-        self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate is not None:
             h = self.act(self.gate(x)) * self.up(x)
         else:
             h = self.act(self.up(x))
-        return self.down(self.dropout(h))
+        # No dropout on the d_ff-wide hidden layer (fairseq's activation_dropout defaults to 0, as
+        # in Vaswani et al.): the residual dropout after the block regularises, and on CPU the
+        # extra mask over B x T x d_ff costs as much as a matmul.
+        return self.down(h)
 
 
 def sinusoidal_table(n_positions: int, dim: int) -> torch.Tensor:
@@ -234,6 +237,8 @@ class Stack(nn.Module):
             self.embed_positions = nn.Embedding(cfg.max_positions + cfg.position_offset, cfg.d_model)
         elif cfg.positions == "sinusoidal":
             self.register_buffer("sinusoids", sinusoidal_table(cfg.max_positions, cfg.d_model), persistent=False)
+        # BERT's segment embeddings: question 0, context 1
+        self.embed_types = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size and not is_decoder else None
         self.relative_bias = RelativeBias(cfg, bidirectional=not is_decoder) if cfg.positions == "relative" else None
         self.embedding_norm = make_norm(cfg) if cfg.embedding_norm else None
         cross = is_decoder and cfg.is_encoder_decoder
@@ -242,7 +247,7 @@ class Stack(nn.Module):
         self.final_norm = make_norm(cfg) if cfg.final_norm else None
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def embed(self, tokens: torch.Tensor, positions: torch.Tensor, token_types: torch.Tensor | None = None) -> torch.Tensor:
         if self.cfg.positions in ("learned", "sinusoidal"):
             top = int(positions.max()) if positions.numel() else 0
             if top >= self.cfg.max_positions:
@@ -252,6 +257,8 @@ class Stack(nn.Module):
             x = x + self.embed_positions(positions + self.cfg.position_offset)
         elif self.cfg.positions == "sinusoidal":
             x = x + self.sinusoids[positions].to(x.dtype)
+        if self.embed_types is not None:
+            x = x + self.embed_types(token_types if token_types is not None else torch.zeros_like(tokens))
         if self.embedding_norm is not None:
             x = self.embedding_norm(x)
         return self.dropout(x)
@@ -308,6 +315,12 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        if cfg.architecture == "encoder-only":
+            self.encoder = Stack(cfg, nn.Embedding(cfg.vocab_size, cfg.d_model), is_decoder=False)
+            self.decoder = None
+            self.span_head = nn.Linear(cfg.d_model, 2)  # start and end logits per token
+            self.apply(self._init_weights)
+            return
         tgt_embed = nn.Embedding(cfg.output_vocab_size, cfg.d_model)
         if cfg.is_encoder_decoder:
             src_embed = tgt_embed if cfg.shared_embeddings else nn.Embedding(cfg.vocab_size, cfg.d_model)
@@ -336,7 +349,7 @@ class Transformer(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.encoder.embed_tokens.weight.device if self.decoder is None else self.decoder.embed_tokens.weight.device
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -349,11 +362,11 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------ full-sequence passes (training, scoring)
 
-    def encode(self, src: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
+    def encode(self, src: torch.Tensor, src_mask: torch.Tensor, token_types: torch.Tensor | None = None) -> torch.Tensor:
         """src (B, S) token ids, src_mask (B, S) True for real tokens -> memory (B, S, d)."""
         enc = self.encoder
         positions = torch.arange(src.shape[1], device=src.device).expand_as(src)
-        x = enc.embed(src, positions)
+        x = enc.embed(src, positions, token_types)
         mask = src_mask[:, None, None, :]  # (B, 1, 1, S)
         bias = enc.relative_bias(positions, positions) if enc.relative_bias is not None else None
         mask = _with_bias(mask, bias, x.dtype)
@@ -378,12 +391,18 @@ class Transformer(nn.Module):
             x, _ = layer(x, mask, rope=rope, is_causal=is_causal, memory_kv=memory_kv, memory_mask=cross_mask)
         return dec.finish(x)
 
+    def span_logits(self, tokens: torch.Tensor, mask: torch.Tensor, token_types: torch.Tensor | None = None) -> torch.Tensor:
+        """Encoder-only: right-padded tokens (B, S), mask (B, S) -> start and end logits (B, S, 2)."""
+        return self.span_head(self.encode(tokens, mask, token_types))
+
     def forward(self, tokens: torch.Tensor, src: torch.Tensor | None = None, src_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced logits (B, T, V) for right-padded decoder input `tokens`.
 
         Right padding needs no mask on the decoder side: causal attention keeps real
         positions from seeing the pads after them, and the loss ignores the pads.
         """
+        if self.decoder is None:
+            raise ValueError("an encoder-only model has no next-token logits; use span_logits")
         if self.cfg.is_encoder_decoder:
             if src is None or src_mask is None:
                 raise ValueError("an encoder-decoder model needs src and src_mask")

@@ -60,6 +60,7 @@ class Output:
 
     texts: list[str]
     scores: list[float]
+    tokens: int = 0  # generated tokens of the best hypothesis (for tokens/s)
 
     @property
     def text(self) -> str:
@@ -219,7 +220,7 @@ def seq2seq(loaded: LoadedModel, sources: Iterable[str], settings: DecodeSetting
             hyps = _decode_batch(loaded, model.step, cache, start, max_new, settings, suppress)
             for r, row_hyps in zip(batch_rows, hyps):
                 texts = tgt_tok.decode_batch([h.tokens for h in row_hyps])
-                results[r] = Output(texts, [h.score for h in row_hyps])
+                results[r] = Output(texts, [h.score for h in row_hyps], len(row_hyps[0].tokens))
                 stats.tokens += len(row_hyps[0].tokens)
         line_offset += len(chunk)
         for result in results:
@@ -232,6 +233,94 @@ def seq2seq(loaded: LoadedModel, sources: Iterable[str], settings: DecodeSetting
 def qa_sources(records: Iterable[dict]) -> Iterator[str]:
     for record in records:
         yield qa_source(record["question"], record["context"])
+
+
+# ---------------------------------------------------------------- extractive QA (encoder-only)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A span of the context: its text, probability and character offsets [start, end)."""
+
+    text: str
+    score: float
+    start: int
+    end: int
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.text]
+
+    @property
+    def scores(self) -> list[float]:
+        return [self.score]
+
+    @property
+    def tokens(self) -> int:
+        return 0  # nothing generated
+
+
+NO_ANSWER = Answer("", 0.0, 0, 0)
+
+
+@torch.no_grad()
+def extractive_qa(loaded: LoadedModel, records: Iterable, max_answer_len: int = 30, on_long: OnLong = "truncate",
+                  batch_size: int = 16) -> Iterator[Answer]:
+    """For each record (question, context), the most probable span of the context, as Hugging
+    Face's question-answering pipeline picks it: softmax over the context tokens for the start
+    and for the end, best start * end with start <= end < start + max_answer_len. The model's
+    tokenizer lays out the pair ([CLS] question [SEP] context [SEP], token types 0 then 1);
+    a context too long for the model is cut (on_long="truncate"), not strided."""
+    model, cfg, tok = loaded.model, loaded.config, loaded.tokenizer.hf
+    limit = cfg.max_positions
+    line = 0
+    for chunk in _chunks(records, batch_size):
+        pairs = [(r.question, r.context) for r in chunk]
+        live = [i for i, (q, c) in enumerate(pairs) if q.strip() and c.strip()]
+        encodings = dict(zip(live, tok.encode_batch([pairs[i] for i in live]) if live else []))
+        long = [i for i in live if len(encodings[i].ids) > limit]
+        for i in long:
+            if _fit(encodings[i].ids, limit, line + i + 1, on_long) is None:
+                del encodings[i]
+        if long and on_long == "truncate":
+            tok.enable_truncation(limit, strategy="only_second")
+            try:
+                cut = tok.encode_batch([pairs[i] for i in long])
+            finally:
+                tok.no_truncation()
+            encodings.update(zip(long, cut))
+        answers = [NO_ANSWER] * len(chunk)
+        rows = list(encodings)
+        if rows:
+            S = max(len(encodings[i].ids) for i in rows)
+            ids = torch.full((len(rows), S), cfg.pad_id, dtype=torch.long)
+            types = torch.zeros((len(rows), S), dtype=torch.long)
+            in_context = torch.zeros((len(rows), S), dtype=torch.bool)
+            for j, i in enumerate(rows):
+                e = encodings[i]
+                n = len(e.ids)
+                ids[j, :n] = torch.tensor(e.ids)
+                types[j, :n] = torch.tensor(e.type_ids)
+                in_context[j, :n] = torch.tensor([s == 1 for s in e.sequence_ids])
+            mask = ids.new_ones(ids.shape, dtype=torch.bool)
+            for j, i in enumerate(rows):
+                mask[j, len(encodings[i].ids):] = False
+            device = model.device
+            logits = model.span_logits(ids.to(device), mask.to(device), types.to(device)).float().cpu()  # (B, S, 2)
+            logits = logits.masked_fill(~in_context[:, :, None], -10000.0)  # HF's pipeline masks with -10000
+            start_p, end_p = logits.softmax(dim=1).unbind(-1)  # (B, S) each
+            pairs_p = start_p[:, :, None] * end_p[:, None, :]  # (B, S, S): start x end
+            allowed = torch.ones(S, S, dtype=torch.bool).triu().tril(max_answer_len - 1)
+            pairs_p = pairs_p.masked_fill(~allowed, 0.0)
+            best = pairs_p.flatten(1).argmax(1)
+            for j, i in enumerate(rows):
+                s, e = divmod(int(best[j]), S)
+                offsets = encodings[i].offsets
+                begin, finish = offsets[s][0], offsets[e][1]
+                context = pairs[i][1]
+                answers[i] = Answer(context[begin:finish], float(pairs_p[j].flatten()[best[j]]), begin, finish)
+        line += len(chunk)
+        yield from answers
 
 
 # ---------------------------------------------------------------- decoder-only
@@ -290,7 +379,8 @@ def generate(loaded: LoadedModel, prompts: Iterable[str], settings: DecodeSettin
 
             hyps = _decode_batch(loaded, model.step, cache, start, max_new_tokens, settings, suppress, on_tokens)
             for r, row_hyps in zip(batch_rows, hyps):
-                results[r] = Output(tok.decode_batch([h.tokens for h in row_hyps]), [h.score for h in row_hyps])
+                results[r] = Output(tok.decode_batch([h.tokens for h in row_hyps]), [h.score for h in row_hyps],
+                                    len(row_hyps[0].tokens))
                 stats.tokens += len(row_hyps[0].tokens)
         line_offset += len(chunk)
         for result in results:

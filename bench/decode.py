@@ -1,0 +1,238 @@
+"""Decoding throughput on the same weights: llmcli (converted from a Hugging Face checkpoint)
+vs `transformers` generate, and vs CTranslate2 when it is installed (not a dependency of
+llmcli: `pip install ctranslate2` for the benchmark only).
+
+Random weights of a Marian and a GPT-2 / Llama shape (saved with save_pretrained, then
+converted by `llmcli.convert` and by CTranslate2's converter); batch 32 of random sources
+or prompts; greedy and beam 4. Every row produces exactly --new tokens on every side (end of
+sequence is banned until then), so tokens/s counts the same work. Each measurement is the
+best of --repeat runs after one warm-up; the systems alternate so machine noise hits all alike.
+
+    python bench/decode.py                          # small shapes, a few minutes on 2 cores
+    python bench/decode.py --size base --new 64     # transformer-base Marian (6+6 x 512), GPT-2 124M
+    python bench/decode.py --families marian --threads 2 --repeat 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SIZES = {
+    # d_model, layers (each stack for Marian), heads, FFN, vocabulary
+    "small": dict(d=256, layers=3, heads=4, ffn=1024, vocab=8000),
+    "base": dict(d=512, layers=6, heads=8, ffn=2048, vocab=32000),  # Vaswani et al. transformer-base
+}
+DECODER_SIZES = {
+    "small": dict(d=256, layers=4, heads=4, ffn=1024, vocab=8000),
+    "base": dict(d=768, layers=12, heads=12, ffn=3072, vocab=50257),  # GPT-2 124M
+}
+
+
+def build(family: str, size: str, directory: Path):
+    """A random Hugging Face model of `family`, saved to `directory` (with a word-level tokenizer
+    naming every id, which CTranslate2's converter reads)."""
+    import transformers
+
+    torch.manual_seed(0)
+    if family == "marian":
+        s = SIZES[size]
+        V = s["vocab"]
+        cfg = transformers.MarianConfig(
+            vocab_size=V, d_model=s["d"], encoder_layers=s["layers"], decoder_layers=s["layers"],
+            encoder_attention_heads=s["heads"], decoder_attention_heads=s["heads"], encoder_ffn_dim=s["ffn"],
+            decoder_ffn_dim=s["ffn"], max_position_embeddings=512, pad_token_id=V - 1, eos_token_id=0,
+            decoder_start_token_id=V - 1, forced_eos_token_id=None, scale_embedding=True, activation_function="swish")  # fmt: skip
+        model = transformers.MarianMTModel(cfg)
+    else:
+        s = DECODER_SIZES[size]
+        V = s["vocab"]
+        if family == "gpt2":
+            cfg = transformers.GPT2Config(n_layer=s["layers"], n_embd=s["d"], n_head=s["heads"], n_inner=s["ffn"],
+                                          vocab_size=V, n_positions=1024, bos_token_id=0, eos_token_id=0)  # fmt: skip
+            model = transformers.GPT2LMHeadModel(cfg)
+        else:
+            cfg = transformers.LlamaConfig(hidden_size=s["d"], intermediate_size=s["ffn"], num_hidden_layers=s["layers"],
+                                           num_attention_heads=s["heads"], num_key_value_heads=max(1, s["heads"] // 4),
+                                           vocab_size=V, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
+                                           tie_word_embeddings=False)  # fmt: skip
+            model = transformers.LlamaForCausalLM(cfg)
+    model.eval().save_pretrained(directory)
+    _word_tokenizer(V, model.config).save_pretrained(directory)
+    return model
+
+
+def _word_tokenizer(V: int, config):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    names = {i: f"w{i}" for i in range(V)}
+    special = {}
+    for role, name in (("pad", "<pad>"), ("bos", "<s>"), ("eos", "</s>")):  # the names CTranslate2's loaders expect
+        i = getattr(config, f"{role}_token_id", None)
+        if i is not None:
+            names[i] = name if names[i].startswith("w") else names[i]
+            special[f"{role}_token"] = names[i]
+    names[V - 2] = "<unk>"
+    tok = Tokenizer(models.WordLevel({n: i for i, n in names.items()}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", **special)
+
+
+def inputs(V: int, batch: int, low: int, high: int, banned: set[int], seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(batch):
+        n = int(torch.randint(low, high + 1, (1,), generator=g))
+        row = torch.randint(3, V - 2, (n,), generator=g).tolist()
+        rows.append([t for t in row if t not in banned] or [3])
+    return rows
+
+
+# ---------------------------------------------------------------- the systems
+
+
+def run_llmcli(model, rows, beam: int, new: int, eos: int):
+    from llmcli import decoding
+    from llmcli.model import PAD_TOKEN
+
+    cfg = model.cfg
+    W = max(map(len, rows))
+    with torch.inference_mode():
+        if cfg.is_encoder_decoder:
+            src = torch.tensor([r + [cfg.pad_id] * (W - len(r)) for r in rows])
+            mask = torch.arange(W)[None] < torch.tensor([len(r) for r in rows])[:, None]
+            cache = model.new_cache(len(rows), model.encode(src, mask), mask)
+            start = torch.full((len(rows), 1), cfg.start_id)
+        else:
+            start = torch.tensor([[PAD_TOKEN] * (W - len(r)) + r for r in rows])
+            cache = model.new_cache(len(rows))
+        common = dict(eos_id=eos, max_new_tokens=new, min_new_tokens=new)
+        if beam == 1:
+            return [h.tokens for h in decoding.greedy_search(model.step, cache, start, **common)]
+        return [h[0].tokens for h in decoding.beam_search(model.step, cache, start, beam_size=beam, **common)]
+
+
+def run_transformers(model, rows, beam: int, new: int, eos: int):
+    c = model.config
+    W = max(map(len, rows))
+    with torch.inference_mode():
+        if c.is_encoder_decoder:
+            src = torch.tensor([r + [c.pad_token_id] * (W - len(r)) for r in rows])
+            out = model.generate(input_ids=src, attention_mask=(src != c.pad_token_id).long(), num_beams=beam,
+                                 max_new_tokens=new, min_new_tokens=new, do_sample=False)[:, 1:]  # fmt: skip
+        else:
+            src = torch.tensor([[eos] * (W - len(r)) + r for r in rows])
+            mask = torch.tensor([[j >= W - len(r) for j in range(W)] for r in rows]).long()
+            out = model.generate(input_ids=src, attention_mask=mask, num_beams=beam, max_new_tokens=new,
+                                 min_new_tokens=new, do_sample=False, pad_token_id=eos)[:, W:]  # fmt: skip
+    return [[t for t in row if t != eos][:new] for row in out.tolist()]
+
+
+class CTranslate2:
+    def __init__(self, directory: Path, family: str, threads: int):
+        import ctranslate2
+
+        out = directory.parent / (directory.name + "-ct2")
+        ctranslate2.converters.TransformersConverter(str(directory)).convert(str(out), force=True)
+        kind = ctranslate2.Translator if family == "marian" else ctranslate2.Generator
+        self.engine = kind(str(out), device="cpu", inter_threads=1, intra_threads=threads)
+        self.family = family
+
+    def __call__(self, rows, beam: int, new: int, eos: int):
+        tokens = [[f"w{t}" for t in r] for r in rows]
+        if self.family == "marian":
+            tokens = [t + ["</s>"] for t in tokens]
+            results = self.engine.translate_batch(tokens, beam_size=beam, max_decoding_length=new,
+                                                  min_decoding_length=new, return_scores=False)  # fmt: skip
+            return [r.hypotheses[0] for r in results]
+        else:
+            results = self.engine.generate_batch(tokens, beam_size=beam, max_length=new, min_length=new,
+                                                 include_prompt_in_result=False, return_scores=False)  # fmt: skip
+        return [r.sequences_ids[0] for r in results]
+
+
+def best_time(fn, repeat: int) -> tuple[float, object]:
+    out, best = None, float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=list(SIZES), default="small")
+    p.add_argument("--families", default="marian,gpt2,llama", help="comma-separated: marian, gpt2, llama")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--new", type=int, default=32, help="tokens generated per row")
+    p.add_argument("--beams", default="1,4", help="comma-separated beam sizes (1: greedy)")
+    p.add_argument("--repeat", type=int, default=2, help="timed runs per measurement (the best counts)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="threads per system (default 1: on a shared machine more threads oversubscribe and time noise)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    from llmcli.convert import convert_weights
+
+    try:
+        import ctranslate2  # noqa: F401
+
+        have_ct2 = True
+    except ImportError:
+        have_ct2 = False
+    rows_out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for family in args.families.split(","):
+            directory = Path(tmp) / family
+            hf = build(family, args.size, directory)
+            ours = convert_weights(directory)
+            V = ours.cfg.vocab_size
+            eos = ours.cfg.eos_id
+            banned = {ours.cfg.pad_id, ours.cfg.bos_id, eos, ours.cfg.start_id}
+            rows = inputs(V, args.batch, 16, 24, banned) if family == "marian" else inputs(V, args.batch, 8, 16, banned)
+            ct2 = CTranslate2(directory, family, args.threads) if have_ct2 else None
+            params = sum(x.numel() for x in ours.parameters()) / 1e6
+            for beam in (int(b) for b in args.beams.split(",")):
+                systems = {"llmcli": lambda: run_llmcli(ours, rows, beam, args.new, eos),
+                           "transformers": lambda: run_transformers(hf, rows, beam, args.new, eos)}  # fmt: skip
+                if ct2 is not None:
+                    systems["ctranslate2"] = lambda: ct2(rows, beam, args.new, eos)
+                for fn in systems.values():  # warm-up
+                    fn()
+                times = {name: float("inf") for name in systems}
+                outputs = {}
+                for _ in range(args.repeat):  # alternate, so noise hits all alike
+                    for name, fn in systems.items():
+                        t, outputs[name] = best_time(fn, 1)
+                        times[name] = min(times[name], t)
+                same = outputs["llmcli"] == outputs["transformers"]
+                tokens = args.batch * args.new
+                row = {"model": f"{family}-{args.size} ({params:.1f}M)", "search": "greedy" if beam == 1 else f"beam {beam}",
+                       **{name: tokens / t for name, t in times.items()}, "same": same}  # fmt: skip
+                rows_out.append(row)
+                _print_row(row, have_ct2, header=len(rows_out) == 1)
+    print(f"\nbatch {args.batch}, {args.new} new tokens per row, {args.threads} threads, torch {torch.__version__}; "
+          f"tokens/s = batch x new tokens / best wall time; 'same': llmcli's tokens == transformers'"
+          + ("" if have_ct2 else "; ctranslate2 not installed (pip install ctranslate2 to compare)"))  # fmt: skip
+
+
+def _print_row(row: dict, have_ct2: bool, header: bool) -> None:
+    cols = f"{'model':22} {'search':7} {'llmcli tok/s':>12} {'transformers':>12} {'ratio':>6}"
+    if have_ct2:
+        cols += f" {'ctranslate2':>12} {'ratio':>6}"
+    if header:
+        print(cols + "  same")
+    line = (f"{row['model']:22} {row['search']:7} {row['llmcli']:12,.0f} {row['transformers']:12,.0f} "
+            f"{row['llmcli'] / row['transformers']:5.2f}x")  # fmt: skip
+    if have_ct2:
+        line += f" {row['ctranslate2']:12,.0f} {row['llmcli'] / row['ctranslate2']:5.2f}x"
+    print(line + f"  {'yes' if row['same'] else 'no'}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
