@@ -62,15 +62,17 @@ def chinese(n: int) -> str:
 
 
 def splits(n_train: int = 40_000, n_valid: int = 300, n_test: int = 500, seed: int = 1234) -> dict[str, list[int]]:
-    """Disjoint random sets of numbers. Every number below 1,000 is in training, four times
-    over: there are few of them, each is a building block of the larger ones, and users try
-    them first. The held-out sets are sampled from the larger numbers."""
+    """Disjoint random sets of numbers. Training holds every number below 1,000 (ten times
+    over: they are few, each is a building block of the larger ones, and users try them
+    first) and every multiple of 100 (round numbers are rare in a uniform sample); the
+    held-out sets are sampled from the remaining, unseen numbers."""
     rng = random.Random(seed)
-    pool = list(range(1000, LIMIT))
+    pool = [n for n in range(1000, LIMIT) if n % 100]
     rng.shuffle(pool)
     test, valid = pool[:n_test], pool[n_test : n_test + n_valid]
-    small = list(range(1000)) * 4 if n_train >= 8000 else list(range(1000))
-    train = small + pool[n_test + n_valid : n_test + n_valid + max(n_train - len(small), 0)]
+    repeats = 10 if n_train >= 20_000 else 1
+    fixed = list(range(1000)) * repeats + [n for n in range(1000, LIMIT, 100)] * repeats
+    train = fixed + pool[n_test + n_valid : n_test + n_valid + max(n_train - len(fixed), 0)]
     rng.shuffle(train)
     return {"train": train, "valid": valid, "test": test}
 
