@@ -89,7 +89,7 @@ def open_model(path: str, task: str, device: str = "cpu") -> LoadedModel:
     allowed = TASKS_BY_ARCHITECTURE[loaded.config.architecture]
     if task not in allowed:
         raise UserError(
-            f"{path} is a {loaded.config.architecture} model; it runs {', '.join(allowed)}, not {task}"
+            f"{path} is {'an' if loaded.config.architecture[0] in 'aeiou' else 'a'} {loaded.config.architecture} model; it runs {', '.join(allowed)}, not {task}"
         )
     return loaded
 
