@@ -107,17 +107,19 @@ class BatchStream:
         return taken, epoch, index
 
 
-def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+def pad_rows(rows: list[list[int]], value: int, *, left: bool = False) -> torch.Tensor:
+    """Token lists as one (B, T) tensor, padded with `value` on the right (or the left)."""
     width = max(len(r) for r in rows)
-    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+    return torch.tensor([[value] * (width - len(r)) + r if left else r + [value] * (width - len(r)) for r in rows],
+                        dtype=torch.long)  # fmt: skip
 
 
 def collate(examples: list[Example], pad_id: int) -> Batch:
-    tokens = _pad([ex.tgt[:-1] for ex in examples], pad_id)
-    labels = _pad([ex.tgt[1:] for ex in examples], IGNORE_INDEX)
+    tokens = pad_rows([ex.tgt[:-1] for ex in examples], pad_id)
+    labels = pad_rows([ex.tgt[1:] for ex in examples], IGNORE_INDEX)
     if examples[0].src is None:
         return Batch(tokens, labels)
-    src = _pad([ex.src for ex in examples], pad_id)
+    src = pad_rows([ex.src for ex in examples], pad_id)
     lengths = torch.tensor([len(ex.src) for ex in examples])
     src_mask = torch.arange(src.shape[1])[None, :] < lengths[:, None]
     return Batch(tokens, labels, src, src_mask)

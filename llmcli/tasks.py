@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Literal
 
@@ -20,8 +19,8 @@ from llmcli import decoding
 from llmcli.checkpoint import LoadedModel, load_model
 from llmcli.errors import UserError
 from llmcli.io import warn
+from llmcli.data import IGNORE_INDEX, pad_rows
 from llmcli.model import PAD_TOKEN
-from llmcli.qa_data import qa_source
 
 OnLong = Literal["truncate", "error", "skip"]
 TASKS_BY_ARCHITECTURE = {
@@ -68,20 +67,6 @@ class Output:
 
 
 EMPTY = Output([""], [0.0])
-
-
-@dataclass
-class Stats:
-    lines: int = 0
-    tokens: int = 0
-    started: float = 0.0
-
-    def __post_init__(self):
-        self.started = time.monotonic()
-
-    @property
-    def seconds(self) -> float:
-        return time.monotonic() - self.started
 
 
 def open_model(path: str, task: str, device: str = "cpu") -> LoadedModel:
@@ -176,8 +161,7 @@ def with_model_defaults(settings: DecodeSettings, loaded: LoadedModel) -> Decode
 
 
 @torch.no_grad()
-def seq2seq(loaded: LoadedModel, sources: Iterable[str], settings: DecodeSettings,
-            progress: Callable[[Stats], None] | None = None) -> Iterator[Output]:
+def seq2seq(loaded: LoadedModel, sources: Iterable[str], settings: DecodeSettings) -> Iterator[Output]:
     """Translate / summarize / answer: one Output per source text, in order."""
     model, cfg = loaded.model, loaded.config
     src_tok, tgt_tok = loaded.source_tokenizer, loaded.tokenizer
@@ -187,7 +171,6 @@ def seq2seq(loaded: LoadedModel, sources: Iterable[str], settings: DecodeSetting
     suffix = loaded.generation.get("source_suffix", [cfg.eos_id])
     limit = cfg.max_positions - len(prefix) - len(suffix)
     suppress = _suppressed(loaded)
-    stats = Stats()
     line_offset = 0
     for chunk in _chunks(sources, settings.chunk_lines):
         results: list[Output] = [EMPTY] * len(chunk)
@@ -203,12 +186,8 @@ def seq2seq(loaded: LoadedModel, sources: Iterable[str], settings: DecodeSetting
         for batch in _token_batches([len(ids_by_row[r]) for r in rows], settings.batch_tokens, width):
             batch_rows = [rows[b] for b in batch]
             src_ids = [ids_by_row[r] for r in batch_rows]
-            S = max(map(len, src_ids))
-            src = torch.full((len(src_ids), S), cfg.pad_id, dtype=torch.long)
-            for j, ids in enumerate(src_ids):
-                src[j, : len(ids)] = torch.tensor(ids)
-            src = src.to(model.device)
-            src_mask = torch.arange(S, device=model.device)[None, :] < torch.tensor([len(x) for x in src_ids], device=model.device)[:, None]
+            src = pad_rows(src_ids, cfg.pad_id).to(model.device)
+            src_mask = pad_rows([[1] * len(x) for x in src_ids], 0).bool().to(model.device)
             memory = model.encode(src, src_mask)
             cache = model.new_cache(len(src_ids), memory, src_mask)
             start = torch.full((len(src_ids), 1), cfg.start_id, dtype=torch.long, device=model.device)
@@ -221,18 +200,8 @@ def seq2seq(loaded: LoadedModel, sources: Iterable[str], settings: DecodeSetting
             for r, row_hyps in zip(batch_rows, hyps):
                 texts = tgt_tok.decode_batch([h.tokens for h in row_hyps])
                 results[r] = Output(texts, [h.score for h in row_hyps], len(row_hyps[0].tokens))
-                stats.tokens += len(row_hyps[0].tokens)
         line_offset += len(chunk)
-        for result in results:
-            stats.lines += 1
-            yield result
-        if progress is not None:
-            progress(stats)
-
-
-def qa_sources(records: Iterable[dict]) -> Iterator[str]:
-    for record in records:
-        yield qa_source(record["question"], record["context"])
+        yield from results
 
 
 # ---------------------------------------------------------------- extractive QA (encoder-only)
@@ -292,19 +261,11 @@ def extractive_qa(loaded: LoadedModel, records: Iterable, max_answer_len: int = 
         answers = [NO_ANSWER] * len(chunk)
         rows = list(encodings)
         if rows:
-            S = max(len(encodings[i].ids) for i in rows)
-            ids = torch.full((len(rows), S), cfg.pad_id, dtype=torch.long)
-            types = torch.zeros((len(rows), S), dtype=torch.long)
-            in_context = torch.zeros((len(rows), S), dtype=torch.bool)
-            for j, i in enumerate(rows):
-                e = encodings[i]
-                n = len(e.ids)
-                ids[j, :n] = torch.tensor(e.ids)
-                types[j, :n] = torch.tensor(e.type_ids)
-                in_context[j, :n] = torch.tensor([s == 1 for s in e.sequence_ids])
-            mask = ids.new_ones(ids.shape, dtype=torch.bool)
-            for j, i in enumerate(rows):
-                mask[j, len(encodings[i].ids):] = False
+            ids = pad_rows([encodings[i].ids for i in rows], cfg.pad_id)
+            S = ids.shape[1]
+            types = pad_rows([encodings[i].type_ids for i in rows], 0)
+            in_context = pad_rows([[int(s == 1) for s in encodings[i].sequence_ids] for i in rows], 0).bool()
+            mask = pad_rows([[1] * len(encodings[i].ids) for i in rows], 0).bool()
             device = model.device
             logits = model.span_logits(ids.to(device), mask.to(device), types.to(device)).float().cpu()  # (B, S, 2)
             logits = logits.masked_fill(~in_context[:, :, None], -10000.0)  # HF's pipeline masks with -10000
@@ -328,8 +289,7 @@ def extractive_qa(loaded: LoadedModel, records: Iterable, max_answer_len: int = 
 
 @torch.no_grad()
 def generate(loaded: LoadedModel, prompts: Iterable[str], settings: DecodeSettings, max_new_tokens: int = 100,
-             on_text: Callable[[int, str], None] | None = None,
-             progress: Callable[[Stats], None] | None = None) -> Iterator[Output]:
+             on_text: Callable[[int, str], None] | None = None) -> Iterator[Output]:
     """Continue each prompt; an empty prompt starts from the beginning of a text.
 
     `on_text(row, text_so_far)` streams a single prompt's continuation as it is produced.
@@ -340,7 +300,6 @@ def generate(loaded: LoadedModel, prompts: Iterable[str], settings: DecodeSettin
     prefix = loaded.generation.get("prompt_prefix", [cfg.bos_id])
     suffix = loaded.generation.get("prompt_suffix", [])
     suppress = _suppressed(loaded)
-    stats = Stats()
     line_offset = 0
     for chunk in _chunks(prompts, settings.chunk_lines):
         encoded = tok.encode_batch(chunk)
@@ -362,11 +321,7 @@ def generate(loaded: LoadedModel, prompts: Iterable[str], settings: DecodeSettin
         for batch in _token_batches(lengths, settings.batch_tokens, width):
             batch_rows = [rows[b] for b in batch]
             prompts_ids = [ids_by_row[r] for r in batch_rows]
-            P = max(map(len, prompts_ids))
-            start = torch.full((len(prompts_ids), P), PAD_TOKEN, dtype=torch.long)
-            for j, ids in enumerate(prompts_ids):
-                start[j, P - len(ids):] = torch.tensor(ids)
-            start = start.to(model.device)
+            start = pad_rows(prompts_ids, PAD_TOKEN, left=True).to(model.device)
             cache = model.new_cache(len(prompts_ids))
             on_tokens = None
             if on_text is not None and len(batch_rows) == 1:
@@ -381,13 +336,8 @@ def generate(loaded: LoadedModel, prompts: Iterable[str], settings: DecodeSettin
             for r, row_hyps in zip(batch_rows, hyps):
                 results[r] = Output(tok.decode_batch([h.tokens for h in row_hyps]), [h.score for h in row_hyps],
                                     len(row_hyps[0].tokens))
-                stats.tokens += len(row_hyps[0].tokens)
         line_offset += len(chunk)
-        for result in results:
-            stats.lines += 1
-            yield result
-        if progress is not None:
-            progress(stats)
+        yield from results
 
 
 @torch.no_grad()
@@ -407,17 +357,13 @@ def perplexity(model_dir: str, lines: list[str], batch_tokens: int = 8192) -> di
     total, count = 0.0, 0
     for batch in _token_batches([len(s) for s in sequences], batch_tokens, 1):
         seqs = [sequences[i] for i in batch]
-        T = max(map(len, seqs)) - 1
-        tokens = torch.full((len(seqs), T), cfg.pad_id, dtype=torch.long)
-        labels = torch.full((len(seqs), T), -100, dtype=torch.long)
-        for j, s in enumerate(seqs):
-            tokens[j, : len(s) - 1] = torch.tensor(s[:-1])
-            labels[j, : len(s) - 1] = torch.tensor(s[1:])
+        tokens = pad_rows([s[:-1] for s in seqs], cfg.pad_id)
+        labels = pad_rows([s[1:] for s in seqs], IGNORE_INDEX)
         logits = model(tokens.to(model.device)).float()
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).to(model.device),
-                                                 ignore_index=-100, reduction="sum")  # fmt: skip
+                                                 ignore_index=IGNORE_INDEX, reduction="sum")  # fmt: skip
         total += loss.item()
-        count += int((labels != -100).sum())
+        count += int((labels != IGNORE_INDEX).sum())
     if count == 0:
         raise UserError("no text to score: every line is empty")
     mean = total / count
