@@ -3,7 +3,8 @@
 The model side provides two things (see model.py):
 - `step(tokens (B, T), cache) -> logits (B, V)`: feeds T new tokens per row, appends them to the
   cache and returns the float logits of each row's last position. The first call gets the start
-  tokens, left-padded with -1; later calls get one token per row.
+  tokens, left-padded with -1; later calls get one token per row. The logits are the decoder's
+  from then on: it may change them in place.
 - `cache.select(index)`: keeps batch rows `index` in that order, like `index_select(0, index)`.
 
 Everything here matches Hugging Face `generate` token for token (transformers 5.x,
@@ -128,19 +129,21 @@ class _Rules:
         return self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0
 
     def __call__(self, scores: Tensor, history: Tensor | None, t: int, min_new: Tensor, max_new: Tensor) -> Tensor:
-        """scores (N, V) for generated position t (0-based); min_new, max_new (N,) per row."""
+        """scores (N, V) for generated position t (0-based); min_new, max_new (N,) per row.
+        `scores` is the caller's fresh tensor and may be changed in place: a copy of (N, V)
+        every step would cost more than the ban it carries."""
         if self.repetition_penalty != 1.0:
             scores = penalize_repetition(scores, history, self.repetition_penalty)
         if self.no_repeat_ngram_size > 0:
             scores = ban_repeated_ngrams(scores, history, self.no_repeat_ngram_size)
         if t < self.ban_eos_until:
-            scores = ban_tokens(scores, [self.eos_id], rows=t < min_new)
+            scores[:, self.eos_id].masked_fill_(t < min_new, -math.inf)  # = ban_tokens(scores, [eos], rows=...)
         if t < len(self.forced_tokens):
             scores = force_token(scores, self.forced_tokens[t])
         if self.forced_eos_id is not None and t >= self.force_eos_from:
             scores = force_token(scores, self.forced_eos_id, rows=t + 1 == max_new)
         if self.suppress_tokens:
-            scores = ban_tokens(scores, self.suppress_tokens)
+            scores.index_fill_(1, torch.as_tensor(self.suppress_tokens, device=scores.device), -math.inf)  # = ban_tokens
         return scores
 
 

@@ -160,7 +160,7 @@ def with_model_defaults(settings: DecodeSettings, loaded: LoadedModel) -> Decode
 # ---------------------------------------------------------------- sequence to sequence
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def seq2seq(loaded: LoadedModel, sources: Iterable[str], settings: DecodeSettings) -> Iterator[Output]:
     """Translate / summarize / answer: one Output per source text, in order."""
     model, cfg = loaded.model, loaded.config
@@ -232,7 +232,7 @@ class Answer:
 NO_ANSWER = Answer("", 0.0, 0, 0)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def extractive_qa(loaded: LoadedModel, records: Iterable, max_answer_len: int = 30, on_long: OnLong = "truncate",
                   batch_size: int = 16) -> Iterator[Answer]:
     """For each record (question, context), the most probable span of the context, as Hugging
@@ -287,7 +287,7 @@ def extractive_qa(loaded: LoadedModel, records: Iterable, max_answer_len: int = 
 # ---------------------------------------------------------------- decoder-only
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(loaded: LoadedModel, prompts: Iterable[str], settings: DecodeSettings, max_new_tokens: int = 100,
              on_text: Callable[[int, str], None] | None = None) -> Iterator[Output]:
     """Continue each prompt; an empty prompt starts from the beginning of a text.
@@ -340,7 +340,7 @@ def generate(loaded: LoadedModel, prompts: Iterable[str], settings: DecodeSettin
         yield from results
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def perplexity(model_dir: str, lines: list[str], batch_tokens: int = 8192) -> dict:
     """Perplexity of a decoder-only model on text, each line a document ([bos] text [eos]).
 

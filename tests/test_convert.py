@@ -230,7 +230,7 @@ def test_logits_match_transformers_on_a_padded_batch(hf_models, family):
     rows = random_ids(4, V, 3, special_ids(hf), seed=5, lengths=(2, 10))
     width = max(map(len, rows))
     mask = torch.tensor([[j < len(r) for j in range(width)] for r in rows])
-    with torch.no_grad():
+    with torch.inference_mode():
         if ours.cfg.is_encoder_decoder:
             pad = hf.config.pad_token_id
             src = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
@@ -286,7 +286,7 @@ def ours_generate(loaded: LoadedModel, rows: list[list[int]], search: dict) -> l
     settings = tasks.DecodeSettings(beam_size=search["num_beams"], length_penalty=search.get("length_penalty", 1.0),
                                     given=frozenset({"beam_size", "length_penalty"}))  # fmt: skip
     settings = tasks.with_model_defaults(settings, loaded)  # BART's min length, n-gram ban, early stopping
-    with torch.no_grad():
+    with torch.inference_mode():
         if cfg.is_encoder_decoder:
             width = max(map(len, rows))
             src = torch.tensor([r + [cfg.pad_id] * (width - len(r)) for r in rows])
@@ -305,7 +305,7 @@ def hf_generate(hf, rows: list[list[int]], search: dict) -> list[list[int]]:
     c = hf.config
     width = max(map(len, rows))
     eos = c.eos_token_id
-    with torch.no_grad():
+    with torch.inference_mode():
         if c.is_encoder_decoder:
             src = torch.tensor([r + [c.pad_token_id] * (width - len(r)) for r in rows])
             out = hf.generate(input_ids=src, attention_mask=(src != c.pad_token_id).long(), max_new_tokens=MAX_NEW,
@@ -469,7 +469,7 @@ def test_bert_span_logits_and_answers_match_transformers(hf_models, tmp_path):
     assert loaded.config.architecture == "encoder-only"
     batch = fast([q for q, _ in QA[:3]], [c for _, c in QA[:3]], return_tensors="pt", padding=True,
                  return_token_type_ids=True)
-    with torch.no_grad():
+    with torch.inference_mode():
         theirs = hf(**batch)
         mine = loaded.model.span_logits(batch["input_ids"], batch["attention_mask"].bool(), batch["token_type_ids"])
     torch.testing.assert_close(mine[..., 0], theirs.start_logits, atol=1e-4, rtol=0)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from llmcli.config import ModelConfig
-from llmcli.model import PAD_TOKEN, Transformer
+from llmcli.model import PAD_TOKEN, Linear, Transformer
 
 BASE = dict(
     vocab_size=50, d_model=32, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, d_ff=64, max_positions=64, dropout=0.0
@@ -43,8 +43,9 @@ def random_src(model, B=3, S=7):
 def test_incremental_decoding_matches_full_forward(arch, variant):
     model = build(arch, **VARIANTS[variant])
     V = model.cfg.output_vocab_size
-    tokens = torch.randint(4, V, (3, 9), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
+    # 40 tokens: past the room the key/value buffers are first made with, twice
+    tokens = torch.randint(4, V, (3, 40), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
         if arch == "encoder-decoder":
             src, src_mask = random_src(model)
             full = model(tokens, src, src_mask)
@@ -56,7 +57,7 @@ def test_incremental_decoding_matches_full_forward(arch, variant):
         steps = [model.step(tokens[:, :3], cache)]
         for t in range(3, tokens.shape[1]):
             steps.append(model.step(tokens[:, t : t + 1], cache))
-    incremental = torch.stack(steps, 1)  # (B, 7, V)
+    incremental = torch.stack(steps, 1)  # (B, 38, V)
     torch.testing.assert_close(incremental, full[:, 2:], atol=1e-5, rtol=0)
 
 
@@ -66,7 +67,7 @@ def test_left_padded_prompts_match_unpadded(variant):
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
     width = max(map(len, prompts))
     batch = torch.tensor([[PAD_TOKEN] * (width - len(p)) + p for p in prompts])
-    with torch.no_grad():
+    with torch.inference_mode():
         cache = model.new_cache(3)
         batched = [model.step(batch, cache)]
         nxt = torch.tensor([[20], [21], [22]])
@@ -84,7 +85,7 @@ def test_source_padding_does_not_leak_across_batch(variant):
     model = build("encoder-decoder", **VARIANTS[variant])
     src, src_mask = random_src(model)
     tgt = torch.randint(4, model.cfg.output_vocab_size, (3, 5), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
+    with torch.inference_mode():
         batched = model(tgt, src, src_mask)
         for i in range(3):
             n = int(src_mask[i].sum())
@@ -100,7 +101,7 @@ def test_causal_mask_future_tokens_never_change_earlier_logits(arch, variant):
     changed = tokens.clone()
     changed[:, 5:] = (changed[:, 5:] + 1) % model.cfg.output_vocab_size
     args = random_src(model, B=2) if arch == "encoder-decoder" else ()
-    with torch.no_grad():
+    with torch.inference_mode():
         a, b = model(tokens, *args), model(changed, *args)
     torch.testing.assert_close(a[:, :5], b[:, :5], atol=1e-6, rtol=0)
     assert not torch.allclose(a[:, 5:], b[:, 5:])
@@ -110,7 +111,7 @@ def test_cache_select_reorders_rows():
     model = build("encoder-decoder")
     src, src_mask = random_src(model)
     tokens = torch.full((3, 1), model.cfg.start_id)
-    with torch.no_grad():
+    with torch.inference_mode():
         cache = model.new_cache(3, model.encode(src, src_mask), src_mask)
         model.step(tokens, cache)
         cache.select(torch.tensor([2, 2, 0]))
@@ -142,3 +143,51 @@ def test_tied_parameters_are_one_tensor():
     assert model.lm_head.weight is model.decoder.embed_tokens.weight is model.encoder.embed_tokens.weight
     untied = build("encoder-decoder", **VARIANTS["separate-vocab"])
     assert untied.lm_head.weight.shape == (40, 32) and untied.encoder.embed_tokens.weight.shape == (50, 32)
+
+
+def test_beams_read_their_sentence_memory_without_copying_it():
+    model = build("encoder-decoder")
+    src, src_mask = random_src(model)
+    K = 4
+    with torch.inference_mode():
+        cache = model.new_cache(3, model.encode(src, src_mask), src_mask)
+        model.step(torch.full((3, 1), model.cfg.start_id), cache)
+        memory = cache.cross_kv[0][0]
+        cache.select(torch.arange(3).repeat_interleave(K))  # expand each sentence to K beams
+        assert cache.memory_group == K and cache.cross_kv[0][0] is memory
+        reorder = torch.tensor([1, 0, 0, 2, 4, 4, 5, 7, 8, 9, 10, 11])  # beams swap within their sentence
+        cache.select(reorder)
+        assert cache.memory_group == K and cache.cross_kv[0][0] is memory
+        tokens = torch.arange(4, 4 + 3 * K)[:, None]
+        grouped = model.step(tokens, cache)
+
+        # The same rows with the memory copied per beam, as a cache without groups holds it.
+        expand = torch.arange(3).repeat_interleave(K)
+        ref = model.new_cache(3 * K, model.encode(src[expand], src_mask[expand]), src_mask[expand])
+        model.step(torch.full((3 * K, 1), model.cfg.start_id), ref)
+        ref.select(reorder)
+        assert ref.memory_group == 1
+        expected = model.step(tokens, ref)
+        torch.testing.assert_close(grouped, expected, atol=1e-5, rtol=0)
+
+        # The second sentence finishes: its memory row leaves, the others stay grouped.
+        keep = torch.tensor([0, 1, 2, 3, 8, 9, 10, 11])
+        cache.select(keep)
+        ref.select(keep)
+        assert cache.memory_group == K and cache.cross_kv[0][0].shape[0] == 2
+        torch.testing.assert_close(model.step(tokens[keep], cache), model.step(tokens[keep], ref), atol=1e-5, rtol=0)
+
+
+def test_inference_linear_matches_linear_and_follows_weight_changes():
+    torch.manual_seed(0)
+    layer = Linear(24, 40)
+    x = torch.randn(5, 3, 24)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        layer.weight.mul_(2.0)  # a training step or a load_state_dict changes weights in place
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=0)
+    y = layer(x)  # with autograd: the plain path, gradients flow
+    y.sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.shape == (40, 24)
