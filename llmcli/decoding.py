@@ -219,7 +219,7 @@ def greedy_search(
 
     def pick(logits: Tensor) -> tuple[Tensor, Tensor]:
         new = logits.argmax(-1)
-        return new, logits.log_softmax(-1).gather(1, new[:, None]).squeeze(1)
+        return new, torch.log_softmax(logits, -1, out=logits).gather(1, new[:, None]).squeeze(1)  # in place: see _Rules
 
     return _decode(step, cache, start_tokens, pick, rules, max_new_tokens=max_new_tokens,
                    min_new_tokens=min_new_tokens, on_tokens=on_tokens)
@@ -335,7 +335,8 @@ def beam_search(
     tokens = start_tokens
     for t in range(L):
         n = len(items)
-        log_probs = step(tokens, cache).float().log_softmax(-1)  # (n * K, V); (n, V) at t = 0
+        logits = step(tokens, cache).float().contiguous()
+        log_probs = torch.log_softmax(logits, -1, out=logits)  # (n * K, V); (n, V) at t = 0. In place: see _Rules
         if t == 0:
             log_probs = log_probs.repeat_interleave(K, dim=0)
         history = None  # (n * K, P + t), built only for the processors that read it
@@ -343,7 +344,7 @@ def beam_search(
             history = torch.cat([prompt.repeat_interleave(K, dim=0), seqs[:, :, :t].reshape(n * K, t)], dim=1)
         log_probs = rules(log_probs, history, t, min_new.repeat_interleave(K), max_new.repeat_interleave(K))
         V = log_probs.shape[-1]
-        totals = (log_probs.view(n, K, V) + live_scores[:, :, None]).view(n, K * V)
+        totals = log_probs.view(n, K, V).add_(live_scores[:, :, None]).reshape(n, K * V)
         cand_scores, cand_index = totals.topk(2 * K, dim=-1)  # (n, 2K), best first
         cand_beam, cand_token = cand_index // V, cand_index % V
         cand_seqs = seqs.take_along_dim(cand_beam[:, :, None], dim=1)  # (n, 2K, L)
