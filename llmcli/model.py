@@ -32,11 +32,12 @@ class Linear(nn.Linear):
     """`nn.Linear` that, in inference mode on the CPU in float32, multiplies through oneDNN with
     its weight packed once into oneDNN's blocked layout.
 
-    Why: `F.linear` goes to MKL's sgemm, which on the few-row products of decoding (32 rows of
-    256-768 by 1k-50k) reaches 40-60% of the speed of packed oneDNN on the CPUs we measured
-    (bench/decode.py shows the effect on whole decodes). The packed copy costs one more copy of
-    the weight's memory while the model is used for inference; it is made on first use and made
-    again when the weight changes. Training, autograd and other devices use `F.linear` as before.
+    Why: `F.linear` goes to MKL's sgemm, which on the few-row products of decoding reaches 40-65%
+    of packed oneDNN's speed on the large ones (32 x 768 by 50257: 41 vs 90 GFLOP/s on one AMD
+    EPYC core) and about the same on small ones; bench/decode.py shows the effect on whole
+    decodes. The packed copy costs one more copy of the weight's memory while the model is used
+    for inference, made on first use (if memory allows, see `_memory_allows`) and made again when
+    the weight changes. Training, autograd and other devices use `F.linear` as before.
     `LLMCLI_ONEDNN=0` turns the packed path off.
     """
 
@@ -54,7 +55,7 @@ class Linear(nn.Linear):
 
 _onednn_enabled = (os.environ.get("LLMCLI_ONEDNN", "1") != "0" and torch.backends.mkldnn.is_available()
                    and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))  # fmt: skip
-# weight -> (its version when packed, packed copy); weak, so dropping a model frees its packed weights
+# weight -> (its version when packed, packed copy or None if not packed); weak, so dropping a model frees them
 _packed = WeakIdKeyDictionary()
 
 
@@ -67,7 +68,8 @@ def _packed_weight(weight: torch.Tensor) -> torch.Tensor | None:
     hit = _packed.get(weight)
     if hit is not None and hit[0] == version:
         return hit[1]
-    if weight.dtype != torch.float32 or weight.device.type != "cpu":
+    if weight.dtype != torch.float32 or weight.device.type != "cpu" or not _memory_allows(weight.nbytes):
+        _packed[weight] = (version, None)  # not asked again until the weight changes
         return None
     try:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 32)  # 32: rows a decoding step sees
@@ -76,6 +78,17 @@ def _packed_weight(weight: torch.Tensor) -> torch.Tensor | None:
         return None
     _packed[weight] = (version, packed)
     return packed
+
+
+def _memory_allows(nbytes: int) -> bool:
+    """Pack a weight only while a quarter of the machine's memory stays available after it: a
+    model that barely fits keeps running on MKL instead of running out of memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.startswith(("MemTotal:", "MemAvailable:"))}
+        return info["MemAvailable"] - nbytes > info["MemTotal"] // 4
+    except (OSError, KeyError, ValueError, IndexError):  # not Linux: no cheap reading, so pack
+        return True
 
 
 class RMSNorm(nn.Module):

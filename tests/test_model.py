@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from llmcli.config import ModelConfig
+import llmcli.model as model_module
 from llmcli.model import PAD_TOKEN, Linear, Transformer
 
 BASE = dict(
@@ -178,7 +179,7 @@ def test_beams_read_their_sentence_memory_without_copying_it():
         torch.testing.assert_close(model.step(tokens[keep], cache), model.step(tokens[keep], ref), atol=1e-5, rtol=0)
 
 
-def test_inference_linear_matches_linear_and_follows_weight_changes():
+def test_inference_linear_matches_linear_and_follows_weight_changes(monkeypatch):
     torch.manual_seed(0)
     layer = Linear(24, 40)
     x = torch.randn(5, 3, 24)
@@ -191,3 +192,10 @@ def test_inference_linear_matches_linear_and_follows_weight_changes():
     y = layer(x)  # with autograd: the plain path, gradients flow
     y.sum().backward()
     assert layer.weight.grad is not None and layer.weight.grad.shape == (40, 24)
+    # Short of memory: no packed copy, the same numbers through F.linear.
+    monkeypatch.setattr(model_module, "_memory_allows", lambda nbytes: False)
+    small = Linear(24, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(small(x), torch.nn.functional.linear(x, small.weight, small.bias), atol=1e-5, rtol=0)
+    if model_module._onednn_enabled:
+        assert model_module._packed.get(small.weight)[1] is None
