@@ -184,7 +184,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Loa
             f"{directory}: the source tokenizer has {source_tokenizer.vocab_size} tokens but the model's vocabulary is {cfg.vocab_size}"
         )
     tensors = load_weights(directory / WEIGHTS_FILE)
-    model = Transformer(cfg).to(device)
+    model = Transformer.for_loading(cfg, device)
     load_state_into(model, tensors, str(directory / WEIGHTS_FILE))
     model.eval()
     return LoadedModel(model, tokenizer, source_tokenizer, generation, directory)

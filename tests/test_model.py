@@ -199,3 +199,22 @@ def test_inference_linear_matches_linear_and_follows_weight_changes(monkeypatch)
         torch.testing.assert_close(small(x), torch.nn.functional.linear(x, small.weight, small.bias), atol=1e-5, rtol=0)
     if model_module._onednn_enabled:
         assert model_module._packed.get(small.weight)[1] is None
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("arch", ["encoder-decoder", "decoder-only"])
+def test_a_model_built_for_loading_computes_what_the_original_does(arch, variant):
+    from llmcli.checkpoint import load_state_into, model_tensors
+
+    original = build(arch, **VARIANTS[variant])
+    loaded = Transformer.for_loading(original.cfg)  # no random init: every weight comes from the checkpoint
+    load_state_into(loaded, {k: v.clone() for k, v in model_tensors(original).items()}, "test")
+    loaded.eval()
+    assert (loaded.lm_head.weight is loaded.decoder.embed_tokens.weight) == original.cfg.tied_output
+    tokens = torch.randint(4, original.cfg.output_vocab_size, (3, 9), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        if arch == "encoder-decoder":
+            src, src_mask = random_src(original)
+            torch.testing.assert_close(loaded(tokens, src, src_mask), original(tokens, src, src_mask), atol=0, rtol=0)
+        else:
+            torch.testing.assert_close(loaded(tokens), original(tokens), atol=0, rtol=0)

@@ -391,7 +391,7 @@ def convert_weights(src: str | Path) -> Transformer:
     family = family_of(hf, str(src))
     tensors = read_weights(src)
     cfg = family.config(hf, tensors, read_generation_config(src, hf))
-    model = Transformer(cfg)
+    model = Transformer.for_loading(cfg)
     ours = apply_map(tensors, family.weight_map(hf, cfg), model_tensors(model), str(src))
     del tensors
     load_state_into(model, ours, str(src))
