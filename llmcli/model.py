@@ -18,7 +18,6 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from llmcli.config import ModelConfig
 
@@ -44,14 +43,40 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
         """x W^T + b, then `activation` (a name in ACTIVATIONS) if given: fused into the product on
         the oneDNN path, which spares a pass over the (rows x d_ff) result."""
-        if (_onednn_enabled and x.dtype == torch.float32 and x.device.type == "cpu" and torch.is_inference_mode_enabled()
-                and self.weight.numel() >= ONEDNN_MIN_WEIGHT):
-            packed = _packed_weight(self.weight)
+        if _onednn_enabled and x.dtype == torch.float32 and x.device.type == "cpu" and torch.is_inference_mode_enabled():
+            packed = self._packed_weight()
             if packed is not None:
                 attr, algorithm = ONEDNN_ACTIVATIONS[activation] if activation else ("none", "")
                 return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, attr, [], algorithm)
         y = F.linear(x, self.weight, self.bias)
         return ACTIVATIONS[activation](y) if activation else y
+
+    def _packed_weight(self) -> torch.Tensor | None:
+        """The packed copy of the current weight, or None to use F.linear. Kept in the instance's
+        __dict__ (not a buffer: never saved) with the weight and version it was made from."""
+        global _onednn_enabled
+        weight = self.weight
+        try:
+            version = weight._version
+        except RuntimeError:  # a weight made in inference mode has no version counter, and cannot change after
+            version = -1
+        made = self.__dict__.get("_packed")
+        if made is not None and made[0] is weight and made[1] == version:
+            return made[2]
+        packed = None
+        if (weight.numel() >= ONEDNN_MIN_WEIGHT and weight.dtype == torch.float32 and weight.device.type == "cpu"
+                and _memory_allows(weight.nbytes)):
+            try:
+                packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 32)  # 32: rows a decoding step sees
+            except (RuntimeError, NotImplementedError):  # a torch build without these kernels: stay on MKL
+                _onednn_enabled = False
+        self.__dict__["_packed"] = (weight, version, packed)
+        return packed
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("_packed", None)  # oneDNN's opaque tensors can be neither copied nor pickled
+        return state
 
 
 # Below this many weights oneDNN's fixed cost per call (about 12 us) outweighs its faster kernel:
@@ -59,29 +84,6 @@ class Linear(nn.Linear):
 ONEDNN_MIN_WEIGHT = 2**18
 _onednn_enabled = (os.environ.get("LLMCLI_ONEDNN", "1") != "0" and torch.backends.mkldnn.is_available()
                    and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))  # fmt: skip
-# weight -> (its version when packed, packed copy or None if not packed); weak, so dropping a model frees them
-_packed = WeakIdKeyDictionary()
-
-
-def _packed_weight(weight: torch.Tensor) -> torch.Tensor | None:
-    global _onednn_enabled
-    try:
-        version = weight._version
-    except RuntimeError:  # a weight made in inference mode has no version counter, and cannot change after
-        version = -1
-    hit = _packed.get(weight)
-    if hit is not None and hit[0] == version:
-        return hit[1]
-    if weight.dtype != torch.float32 or weight.device.type != "cpu" or not _memory_allows(weight.nbytes):
-        _packed[weight] = (version, None)  # not asked again until the weight changes
-        return None
-    try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 32)  # 32: rows a decoding step sees
-    except (RuntimeError, NotImplementedError):  # a torch build without these kernels: stay on MKL
-        _onednn_enabled = False
-        return None
-    _packed[weight] = (version, packed)
-    return packed
 
 
 def _memory_allows(nbytes: int) -> bool:
@@ -263,7 +265,7 @@ class Attention(nn.Module):
 
     def _attend_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Attention for one query per row (a decoding step) with two batched matmuls: on the CPU,
-        1.5-2.5x faster than SDPA's kernel at these shapes. k and v may hold one row per G
+        1.4-2.6x faster than SDPA's kernel at these shapes. k and v may hold one row per G
         consecutive query rows (the beams of a sentence, in cross-attention), and Hkv heads for
         R = H / Hkv query heads each (grouped-query attention): both are matched by viewing the
         queries as (B/G, Hkv, G x R, D), never by copying k and v. Returns (B, H, D)."""
