@@ -12,6 +12,7 @@ Decoding talks to the model through `step(tokens, cache) -> logits` only
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -95,6 +96,21 @@ def _memory_allows(nbytes: int) -> bool:
         return info["MemAvailable"] - nbytes > info["MemTotal"] // 4
     except (OSError, KeyError, ValueError, IndexError):  # not Linux: no cheap reading, so pack
         return True
+
+
+@contextlib.contextmanager
+def _no_random_init():
+    """torch.nn.init's fills become no-ops while modules are built, as in transformers'
+    `no_init_weights`: parameters keep whatever `torch.empty` gave them."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_")
+    saved = {name: getattr(nn.init, name) for name in names}
+    try:
+        for name in names:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
 
 
 class RMSNorm(nn.Module):
@@ -484,7 +500,8 @@ class Transformer(nn.Module):
             self.encoder = None
         self.decoder = Stack(cfg, tgt_embed, is_decoder=True)
         self.lm_head = Linear(cfg.d_model, cfg.output_vocab_size, bias=False)
-        self._tie_output()
+        if cfg.tied_output:
+            self.lm_head.weight = tgt_embed.weight
         if cfg.final_logits_bias:
             self.register_buffer("final_logits_bias", torch.zeros(1, cfg.output_vocab_size))
         else:
@@ -493,20 +510,12 @@ class Transformer(nn.Module):
 
     @classmethod
     def for_loading(cls, cfg: ModelConfig, device: str | torch.device = "cpu") -> Transformer:
-        """A model whose weights are uninitialised memory, to be filled by a checkpoint: random
-        initialisation costs more than the loading it precedes (1.3 s of 1.7 s for GPT-2 124M)."""
-        with torch.device("meta"):
+        """A model whose weights are left uninitialised, to be filled by a checkpoint: random
+        initialisation costs more than the loading it precedes (1.3 s of 1.7 s for GPT-2 124M).
+        (Not the meta device: its first use imports torch's reference ops, over a second.)"""
+        with _no_random_init():
             model = cls(cfg)
-        model = model.to_empty(device=device)
-        model._tie_output()  # to_empty makes new parameters, one per module
-        for stack in (model.encoder, model.decoder):
-            if stack is not None and cfg.positions == "sinusoidal":  # computed, not stored in checkpoints
-                stack.sinusoids.copy_(sinusoidal_table(cfg.max_positions, cfg.d_model))
-        return model
-
-    def _tie_output(self) -> None:
-        if self.cfg.tied_output and self.decoder is not None:
-            self.lm_head.weight = self.decoder.embed_tokens.weight
+        return model.to(device)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):

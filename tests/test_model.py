@@ -213,7 +213,9 @@ def test_a_model_built_for_loading_computes_what_the_original_does(arch, variant
     from llmcli.checkpoint import load_state_into, model_tensors
 
     original = build(arch, **VARIANTS[variant])
+    normal_ = torch.nn.init.normal_
     loaded = Transformer.for_loading(original.cfg)  # no random init: every weight comes from the checkpoint
+    assert torch.nn.init.normal_ is normal_  # torch's init functions are back for everyone else
     load_state_into(loaded, {k: v.clone() for k, v in model_tensors(original).items()}, "test")
     loaded.eval()
     assert (loaded.lm_head.weight is loaded.decoder.embed_tokens.weight) == original.cfg.tied_output
