@@ -4,7 +4,7 @@ The model side provides two things (see model.py):
 - `step(tokens (B, T), cache) -> logits (B, V)`: feeds T new tokens per row, appends them to the
   cache and returns the float logits of each row's last position. The first call gets the start
   tokens, left-padded with -1; later calls get one token per row. The logits are the decoder's
-  from then on: it may change them in place.
+  from then on: it may change them in place, so a step returns a new tensor, not its own state.
 - `cache.select(index)`: keeps batch rows `index` in that order, like `index_select(0, index)`.
 
 Everything here matches Hugging Face `generate` token for token (transformers 5.x,
@@ -147,6 +147,13 @@ class _Rules:
         return scores
 
 
+def _own(logits: Tensor) -> Tensor:
+    """A step's logits as float, in a tensor this module may change in place: a step run in
+    inference mode returns a tensor that can be changed only inside it."""
+    logits = logits.float()
+    return logits.clone() if logits.is_inference() and not torch.is_inference_mode_enabled() else logits
+
+
 def _per_row(value: PerRow, n: int, device: torch.device, name: str) -> Tensor:
     rows = torch.as_tensor(value, dtype=torch.long, device=device)
     rows = rows.expand(n).clone() if rows.dim() == 0 else rows
@@ -176,7 +183,7 @@ def _decode(step, cache, start_tokens, pick, rules: dict, *, max_new_tokens, min
     results: list[Hypothesis | None] = [None] * B
     tokens = start_tokens
     for t in range(int(max_new.max())):
-        logits = rules(step(tokens, cache).float(), history, t, min_new, max_new)  # (B, V)
+        logits = rules(_own(step(tokens, cache)), history, t, min_new, max_new)  # (B, V)
         new, log_prob = pick(logits)  # (B,), (B,)
         scores = scores + log_prob
         history = torch.cat([history, new[:, None]], dim=1)
@@ -335,7 +342,7 @@ def beam_search(
     tokens = start_tokens
     for t in range(L):
         n = len(items)
-        logits = step(tokens, cache).float().contiguous()
+        logits = _own(step(tokens, cache)).contiguous()
         log_probs = torch.log_softmax(logits, -1, out=logits)  # (n * K, V); (n, V) at t = 0. In place: see _Rules
         if t == 0:
             log_probs = log_probs.repeat_interleave(K, dim=0)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -52,17 +53,22 @@ class Linear(nn.Linear):
         y = F.linear(x, self.weight, self.bias)
         return ACTIVATIONS[activation](y) if activation else y
 
+    def reset_parameters(self) -> None:
+        if not _skip_init():  # see Transformer.for_loading
+            super().reset_parameters()
+
     def _packed_weight(self) -> torch.Tensor | None:
         """The packed copy of the current weight, or None to use F.linear. Kept in the instance's
-        __dict__ (not a buffer: never saved) with the weight and version it was made from."""
+        __dict__ (not a buffer: never saved) with the weight, storage and version it was made
+        from, so in-place updates and replaced weights are seen; changes through `.data` are not
+        (they bypass the version counter, as they do for autograd)."""
         global _onednn_enabled
         weight = self.weight
-        try:
-            version = weight._version
-        except RuntimeError:  # a weight made in inference mode has no version counter, and cannot change after
-            version = -1
+        if weight.is_inference():  # made in inference mode: no version counter to tell us of changes
+            return None
+        key = (weight.data_ptr(), weight._version)
         made = self.__dict__.get("_packed")
-        if made is not None and made[0] is weight and made[1] == version:
+        if made is not None and made[0] is weight and made[1] == key:
             return made[2]
         packed = None
         if (weight.numel() >= ONEDNN_MIN_WEIGHT and weight.dtype == torch.float32 and weight.device.type == "cpu"
@@ -71,7 +77,7 @@ class Linear(nn.Linear):
                 packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 32)  # 32: rows a decoding step sees
             except (RuntimeError, NotImplementedError):  # a torch build without these kernels: stay on MKL
                 _onednn_enabled = False
-        self.__dict__["_packed"] = (weight, version, packed)
+        self.__dict__["_packed"] = (weight, key, packed)
         return packed
 
     def __getstate__(self) -> dict:
@@ -98,19 +104,28 @@ def _memory_allows(nbytes: int) -> bool:
         return True
 
 
+_building = threading.local()  # .for_loading: True while `Transformer.for_loading` builds, in this thread
+
+
 @contextlib.contextmanager
-def _no_random_init():
-    """torch.nn.init's fills become no-ops while modules are built, as in transformers'
-    `no_init_weights`: parameters keep whatever `torch.empty` gave them."""
-    names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_")
-    saved = {name: getattr(nn.init, name) for name in names}
+def _for_loading():
+    _building.for_loading = True
     try:
-        for name in names:
-            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
         yield
     finally:
-        for name, fn in saved.items():
-            setattr(nn.init, name, fn)
+        _building.for_loading = False
+
+
+def _skip_init() -> bool:
+    return getattr(_building, "for_loading", False)
+
+
+class Embedding(nn.Embedding):
+    """`nn.Embedding` that stays uninitialised while `Transformer.for_loading` builds."""
+
+    def reset_parameters(self) -> None:
+        if not _skip_init():  # see Transformer.for_loading
+            super().reset_parameters()
 
 
 class RMSNorm(nn.Module):
@@ -209,7 +224,7 @@ class RelativeBias(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.bidirectional = bidirectional
-        self.embedding = nn.Embedding(cfg.relative_buckets, cfg.n_heads)
+        self.embedding = Embedding(cfg.relative_buckets, cfg.n_heads)
 
     def forward(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         # q_pos (B, T), k_pos (B, S) -> bias (B, H, T, S)
@@ -289,7 +304,8 @@ class Attention(nn.Module):
         Bk, Hkv, S, _ = k.shape
         G, R = B // Bk, H // Hkv
         q = q.view(Bk, G, Hkv, R, D).transpose(1, 2).reshape(Bk, Hkv, G * R, D)
-        scores = torch.matmul(q, k.transpose(-1, -2)) * (self.scale if self.scale is not None else D**-0.5)  # (Bk, Hkv, G*R, S)
+        q = q * (self.scale if self.scale is not None else D**-0.5)  # before the product: q.k may overflow half precision
+        scores = torch.matmul(q, k.transpose(-1, -2))  # (Bk, Hkv, G*R, S)
         if mask is not None:
             if mask.dtype == torch.bool:
                 scores = scores.masked_fill(~mask, float("-inf"))  # (Bk, 1, 1, S) broadcasts
@@ -338,11 +354,11 @@ class Stack(nn.Module):
         self.embed_tokens = embed_tokens
         self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embeddings else 1.0
         if cfg.positions == "learned":
-            self.embed_positions = nn.Embedding(cfg.max_positions + cfg.position_offset, cfg.d_model)
+            self.embed_positions = Embedding(cfg.max_positions + cfg.position_offset, cfg.d_model)
         elif cfg.positions == "sinusoidal":
             self.register_buffer("sinusoids", sinusoidal_table(cfg.max_positions, cfg.d_model), persistent=False)
         # BERT's segment embeddings: question 0, context 1
-        self.embed_types = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size and not is_decoder else None
+        self.embed_types = Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size and not is_decoder else None
         self.relative_bias = RelativeBias(cfg, bidirectional=not is_decoder) if cfg.positions == "relative" else None
         self.embedding_norm = make_norm(cfg) if cfg.embedding_norm else None
         cross = is_decoder and cfg.is_encoder_decoder
@@ -392,8 +408,8 @@ def _select_rows(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None 
     """x.index_select(0, index) for a contiguous x, through a 2-D view: several times faster on
     the CPU than index_select on the 4-D tensor (and this runs every beam-search step)."""
     if out is None:
-        return x.reshape(x.shape[0], -1).index_select(0, index).view(index.shape[0], *x.shape[1:])
-    torch.index_select(x.reshape(x.shape[0], -1), 0, index, out=out.view(out.shape[0], -1))
+        return x.reshape(x.shape[0], math.prod(x.shape[1:])).index_select(0, index).view(index.shape[0], *x.shape[1:])
+    torch.index_select(x.reshape(x.shape[0], -1), 0, index, out=out.view(out.shape[0], math.prod(out.shape[1:])))
     return out
 
 
@@ -472,8 +488,8 @@ class KVCache:
         new rows are not runs of equal length over distinct source rows."""
         n = source_rows.shape[0]
         runs, counts = torch.unique_consecutive(source_rows, return_counts=True)
-        group = n // runs.shape[0]
-        if bool((counts == group).all()) and runs.unique().shape[0] == runs.shape[0]:
+        group = n // max(runs.shape[0], 1)
+        if n and bool((counts == group).all()) and runs.unique().shape[0] == runs.shape[0]:
             self.memory_group, source_rows = group, runs
         else:
             self.memory_group = 1
@@ -487,14 +503,15 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         if cfg.architecture == "encoder-only":
-            self.encoder = Stack(cfg, nn.Embedding(cfg.vocab_size, cfg.d_model), is_decoder=False)
+            self.encoder = Stack(cfg, Embedding(cfg.vocab_size, cfg.d_model), is_decoder=False)
             self.decoder = None
             self.span_head = Linear(cfg.d_model, 2)  # start and end logits per token
-            self.apply(self._init_weights)
+            if not _skip_init():
+                self.apply(self._init_weights)
             return
-        tgt_embed = nn.Embedding(cfg.output_vocab_size, cfg.d_model)
+        tgt_embed = Embedding(cfg.output_vocab_size, cfg.d_model)
         if cfg.is_encoder_decoder:
-            src_embed = tgt_embed if cfg.shared_embeddings else nn.Embedding(cfg.vocab_size, cfg.d_model)
+            src_embed = tgt_embed if cfg.shared_embeddings else Embedding(cfg.vocab_size, cfg.d_model)
             self.encoder = Stack(cfg, src_embed, is_decoder=False)
         else:
             self.encoder = None
@@ -506,14 +523,15 @@ class Transformer(nn.Module):
             self.register_buffer("final_logits_bias", torch.zeros(1, cfg.output_vocab_size))
         else:
             self.final_logits_bias = None
-        self.apply(self._init_weights)
+        if not _skip_init():
+            self.apply(self._init_weights)
 
     @classmethod
     def for_loading(cls, cfg: ModelConfig, device: str | torch.device = "cpu") -> Transformer:
         """A model whose weights are left uninitialised, to be filled by a checkpoint: random
         initialisation costs more than the loading it precedes (1.3 s of 1.7 s for GPT-2 124M).
         (Not the meta device: its first use imports torch's reference ops, over a second.)"""
-        with _no_random_init():
+        with _for_loading():
             model = cls(cfg)
         return model.to(device)
 

@@ -340,13 +340,17 @@ def generate(loaded: LoadedModel, prompts: Iterable[str], settings: DecodeSettin
         yield from results
 
 
-@torch.inference_mode()
 def perplexity(model_dir: str, lines: list[str], batch_tokens: int = 8192) -> dict:
     """Perplexity of a decoder-only model on text, each line a document ([bos] text [eos]).
 
     Lines longer than the model's positions are scored in consecutive windows.
     """
-    loaded = open_model(model_dir, "generate")
+    # Loaded outside inference mode: weights made in it have no version counter (see model.Linear).
+    return _perplexity(open_model(model_dir, "generate"), lines, batch_tokens)
+
+
+@torch.inference_mode()
+def _perplexity(loaded: LoadedModel, lines: list[str], batch_tokens: int) -> dict:
     model, cfg, tok = loaded.model, loaded.config, loaded.tokenizer
     sequences = []
     for ids in tok.encode_batch(lines):

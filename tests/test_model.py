@@ -213,9 +213,7 @@ def test_a_model_built_for_loading_computes_what_the_original_does(arch, variant
     from llmcli.checkpoint import load_state_into, model_tensors
 
     original = build(arch, **VARIANTS[variant])
-    normal_ = torch.nn.init.normal_
     loaded = Transformer.for_loading(original.cfg)  # no random init: every weight comes from the checkpoint
-    assert torch.nn.init.normal_ is normal_  # torch's init functions are back for everyone else
     load_state_into(loaded, {k: v.clone() for k, v in model_tensors(original).items()}, "test")
     loaded.eval()
     assert (loaded.lm_head.weight is loaded.decoder.embed_tokens.weight) == original.cfg.tied_output
@@ -226,3 +224,42 @@ def test_a_model_built_for_loading_computes_what_the_original_does(arch, variant
             torch.testing.assert_close(loaded(tokens, src, src_mask), original(tokens, src, src_mask), atol=0, rtol=0)
         else:
             torch.testing.assert_close(loaded(tokens), original(tokens), atol=0, rtol=0)
+
+
+def test_building_for_loading_leaves_other_threads_models_initialised():
+    import threading
+
+    inside, release = threading.Event(), threading.Event()
+
+    def loader():
+        with model_module._for_loading():  # what Transformer.for_loading holds while it builds
+            inside.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=loader)
+    thread.start()
+    try:
+        assert inside.wait(10)
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig(**BASE))  # built meanwhile in this thread: initialised as usual
+        expected_std = 0.02  # _init_weights' std for linear layers
+        for name, p in model.named_parameters():
+            assert torch.isfinite(p).all(), name
+        assert abs(float(model.encoder.layers[0].ffn.up.weight.detach().std()) - expected_std) < 0.005
+    finally:
+        release.set()
+        thread.join()
+
+
+def test_decoding_a_step_run_in_inference_mode_from_outside_it():
+    from llmcli.decoding import beam_search, greedy_search
+
+    model = build("decoder-only")
+    start = torch.tensor([[5, 6, 7], [PAD_TOKEN, 8, 9]])
+    step = torch.inference_mode()(model.step)  # its logits can only be changed in inference mode
+    greedy = greedy_search(step, model.new_cache(2), start, eos_id=2, max_new_tokens=6, min_new_tokens=2)
+    beams = beam_search(step, model.new_cache(2), start, beam_size=3, eos_id=2, max_new_tokens=6, min_new_tokens=2)
+    with torch.inference_mode():
+        expected = greedy_search(model.step, model.new_cache(2), start, eos_id=2, max_new_tokens=6, min_new_tokens=2)
+    assert [h.tokens for h in greedy] == [h.tokens for h in expected]
+    assert all(len(b) == 1 and len(b[0].tokens) >= 2 for b in beams)
