@@ -409,7 +409,7 @@ def _select_rows(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None 
     the CPU than index_select on the 4-D tensor (and this runs every beam-search step)."""
     if out is None:
         return x.reshape(x.shape[0], math.prod(x.shape[1:])).index_select(0, index).view(index.shape[0], *x.shape[1:])
-    torch.index_select(x.reshape(x.shape[0], -1), 0, index, out=out.view(out.shape[0], math.prod(out.shape[1:])))
+    torch.index_select(x.reshape(x.shape[0], math.prod(x.shape[1:])), 0, index, out=out.view(out.shape[0], math.prod(out.shape[1:])))
     return out
 
 
