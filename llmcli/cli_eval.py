@@ -1,12 +1,18 @@
-"""`llmcli eval`: score hypotheses against references. Parse, call `llmcli.metrics`, print."""
+"""`llmcli eval`: score hypotheses against references. Parse, call `llmcli.metrics`, print.
+
+Each metric is one row of `METRICS`: what it checks before reading, how it reads its
+references, how it scores, which metric-only options it takes, how its table looks.
+`eval_command` only walks that row.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum
-from typing import List, Optional
 
 import typer
 
@@ -14,28 +20,9 @@ from llmcli import metrics as m
 from llmcli.errors import UserError
 from llmcli.io import STDIN_NAME, read_lines, read_text, warn
 
-
-class Metric(str, Enum):
-    bleu = "bleu"
-    chrf = "chrf"
-    ter = "ter"
-    rouge = "rouge"
-    squad = "squad"
-    exact = "exact"
-    perplexity = "perplexity"
-
-
-# Options that mean something only for some metrics: giving them elsewhere is an error.
-_OPTION_METRICS = {
-    "--tokenize": {"bleu", "rouge"},
-    "--lowercase": {"bleu", "chrf", "exact"},
-    "--stem": {"rouge"},
-    "--confidence": {"bleu", "chrf", "ter", "rouge"},
-    "--hyp": {"bleu", "chrf", "ter"},
-    "--lang": {"bleu", "ter", "squad"},
-    "--model": {"perplexity"},
-}
-_LABELS = {"bleu": "BLEU", "chrf": "chrF2", "ter": "TER", "exact": "accuracy", "perplexity": "perplexity"}
+_LABELS = {"bleu": "BLEU", "chrf": "chrF2", "ter": "TER", "exact": "accuracy"}
+Systems = list[tuple[str, list[str]]]  # (name shown in messages, lines) per system; the first is the baseline
+Refs = list[list[str]]  # reference streams, refs[k][i] the k-th reference of line i
 
 
 class _LibraryWarnings(logging.Handler):
@@ -64,11 +51,113 @@ def _read_nonempty(path: str) -> list[str]:
     return lines
 
 
-def _check_option_use(metric: str, given: dict[str, bool]) -> None:
-    for option, used in given.items():
-        if used and metric not in _OPTION_METRICS[option]:
-            allowed = ", ".join(sorted(_OPTION_METRICS[option]))
-            raise UserError(f"{option} does not apply to --metric {metric} (only to {allowed})")
+@dataclass(frozen=True)
+class _Options:
+    """The metric-only options, as the scorers take them."""
+
+    tokenize: str | None
+    lowercase: bool
+    stem: bool
+    confidence: bool
+    lang: str | None  # None: auto
+    model: str | None
+
+
+# --- checks before any file is read: the --ref and -m a metric needs -----------------------
+
+
+def _needs_refs(name: str, refs: list[str], model: str | None) -> None:
+    if not refs:
+        raise UserError(f"--metric {name} needs at least one --ref REF")
+
+
+def _needs_one_ref(name: str, refs: list[str], model: str | None) -> None:
+    _needs_refs(name, refs, model)
+    if len(refs) > 1:
+        raise UserError(f"--metric {name} takes one --ref (list several answers per question inside it)")
+
+
+def _needs_model(name: str, refs: list[str], model: str | None) -> None:
+    if refs:
+        raise UserError(f"--metric {name} takes no --ref: it scores the text itself")
+    if model is None:
+        raise UserError(f"--metric {name} needs a model: -m DIR")
+
+
+# --- readers: reference paths and the systems' (name, lines) -> what the scorer takes ------
+
+
+def _text_refs(paths: list[str], systems: Systems) -> Refs:
+    """Reference streams, each as long as every system's output."""
+    refs = [_read_nonempty(path) for path in paths]
+    for system, lines in systems:
+        for path, ref in zip(paths, refs):
+            if len(ref) != len(lines):
+                raise UserError(f"{system} has {len(lines)} lines but {_name(path)} has {len(ref)}")
+    return refs
+
+
+def _squad_refs(paths: list[str], systems: Systems) -> list[list[str]]:
+    """Gold answers per question, one question per hypothesis line."""
+    (path,) = paths  # _needs_one_ref made sure
+    ((system, lines),) = systems  # squad takes no --hyp
+    answers = m.squad_answers(read_text(path), _name(path))
+    if not answers:
+        raise UserError(f"{_name(path)} holds no questions")
+    if len(answers) != len(lines):
+        raise UserError(f"{system} has {len(lines)} lines but {_name(path)} has {len(answers)} questions")
+    return answers
+
+
+def _no_refs(paths: list[str], systems: Systems) -> None:
+    return None
+
+
+# --- scorers: one system's lines, its references, the options -> a `llmcli.metrics` result --
+
+
+def _target_lang(lang: str | None, refs: Refs) -> str | None:
+    # --lang auto: zh when the (first) references are mostly Chinese characters.
+    return lang or ("zh" if m.looks_chinese(refs[0]) else None)
+
+
+def _bleu(hyps: list[str], refs: Refs, o: _Options) -> dict:
+    lang = _target_lang(o.lang, refs)
+    return m.bleu(hyps, refs, tokenize=o.tokenize, lowercase=o.lowercase, lang=lang, confidence=o.confidence)
+
+
+def _chrf(hyps: list[str], refs: Refs, o: _Options) -> dict:
+    return m.chrf(hyps, refs, lowercase=o.lowercase, confidence=o.confidence)
+
+
+def _ter(hyps: list[str], refs: Refs, o: _Options) -> dict:
+    return m.ter(hyps, refs, lang=_target_lang(o.lang, refs), confidence=o.confidence)
+
+
+def _rouge(hyps: list[str], refs: Refs, o: _Options) -> dict:
+    return m.rouge(hyps, refs, stem=o.stem, tokenize=o.tokenize or "unicode", confidence=o.confidence)
+
+
+def _squad(hyps: list[str], answers: list[list[str]], o: _Options) -> dict:
+    return m.squad(hyps, answers, lang=o.lang)
+
+
+def _exact(hyps: list[str], refs: Refs, o: _Options) -> dict:
+    return m.exact(hyps, refs, lowercase=o.lowercase)
+
+
+def _paired_test(name: str, systems: Systems, refs: Refs, test: str, o: _Options) -> dict:
+    lang = _target_lang(o.lang, refs) if "--lang" in METRICS[name].options else None
+    return m.paired_test(name, systems, refs, test=test, tokenize=o.tokenize, lowercase=o.lowercase, lang=lang)
+
+
+def _perplexity(hyps: list[str], refs: None, o: _Options) -> dict:
+    from llmcli.tasks import perplexity  # torch: only when a model is scored
+
+    return {"metric": "perplexity", **perplexity(o.model, hyps)}
+
+
+# --- tables: a result -> its human-readable form ----------------------------------------------
 
 
 def _score(value: float, confidence: dict | None = None) -> str:
@@ -78,54 +167,58 @@ def _score(value: float, confidence: dict | None = None) -> str:
     return text
 
 
-def _rows(rows: list[tuple[str, str]]) -> str:
+def _headline(result: dict) -> tuple[str, str]:
+    return _LABELS[result["metric"]], _score(result["score"], result.get("confidence"))
+
+
+def _table(result: dict, rows: list[tuple[str, str]]) -> str:
+    """`rows`, then the lines scored and any signature, as aligned label/value pairs."""
+    rows = [*rows, ("lines", str(result["n"]))]
+    if "signature" in result:
+        rows.append(("signature", result["signature"]))
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
 
 
-def format_table(result: dict) -> str:
-    """The human-readable form of a `llmcli.metrics` result."""
-    metric = result["metric"]
-    if "systems" in result:
-        return _paired_table(result)
-    if metric == "rouge":
-        ci = "confidence" in result
-        header = f"{'':<10} {'F':>6} {'P':>6} {'R':>6}" + ("   F 95% CI" if ci else "")
-        lines = [header]
-        for kind in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
-            s = result[kind]
-            line = f"{kind:<10} {s['f']:6.2f} {s['p']:6.2f} {s['r']:6.2f}"
-            if ci:
-                line += f"   {s['confidence']['low']:.2f}-{s['confidence']['high']:.2f}"
-            lines.append(line)
-        stem = "yes" if result["stem"] else "no"
-        lines.append(f"lines {result['n']}, tokenize {result['tokenize']}, stem {stem}")
-        return "\n".join(lines)
-    if metric == "squad":
-        scoring = "CMRC 2018 (per character)" if result["scoring"] == "cmrc2018" else "SQuAD v1.1"
-        rows = [("exact match", _score(result["exact_match"])), ("F1", _score(result["f1"])), ("scoring", scoring)]
-    elif metric == "perplexity":
-        rows = [
-            ("perplexity", _score(result["score"])),
-            ("loss", f"{result['loss']:.4f} nats/token"),
-            ("tokens", str(result["tokens"])),
-        ]
-    else:
-        rows = [(_LABELS[metric], _score(result["score"], result.get("confidence")))]
-        if metric == "bleu":
-            precisions = "/".join(f"{p:.1f}" for p in result["precisions"])
-            rows.append(
-                ("detail", f"{precisions} (BP {result['bp']:.3f}, ratio {result['ratio']:.3f}, "
-                           f"hyp_len {result['hyp_len']}, ref_len {result['ref_len']})")
-            )
-        elif metric == "ter":
-            rows.append(("edits", f"{result['num_edits']} over reference length {result['ref_length']:.1f}"))
-        elif metric == "exact":
-            rows.append(("correct", f"{result['correct']} of {result['n']}"))
-    rows.append(("lines", str(result["n"])))
-    if "signature" in result:
-        rows.append(("signature", result["signature"]))
-    return _rows(rows)
+def _bleu_table(r: dict) -> str:
+    precisions = "/".join(f"{p:.1f}" for p in r["precisions"])
+    detail = f"{precisions} (BP {r['bp']:.3f}, ratio {r['ratio']:.3f}, hyp_len {r['hyp_len']}, ref_len {r['ref_len']})"
+    return _table(r, [_headline(r), ("detail", detail)])
+
+
+def _chrf_table(r: dict) -> str:
+    return _table(r, [_headline(r)])
+
+
+def _ter_table(r: dict) -> str:
+    return _table(r, [_headline(r), ("edits", f"{r['num_edits']} over reference length {r['ref_length']:.1f}")])
+
+
+def _rouge_table(r: dict) -> str:
+    ci = "confidence" in r
+    lines = [f"{'':<10} {'F':>6} {'P':>6} {'R':>6}" + ("   F 95% CI" if ci else "")]
+    for kind in m.ROUGE_TYPES:
+        s = r[kind]
+        line = f"{kind:<10} {s['f']:6.2f} {s['p']:6.2f} {s['r']:6.2f}"
+        if ci:
+            line += f"   {s['confidence']['low']:.2f}-{s['confidence']['high']:.2f}"
+        lines.append(line)
+    lines.append(f"lines {r['n']}, tokenize {r['tokenize']}, stem {'yes' if r['stem'] else 'no'}")
+    return "\n".join(lines)
+
+
+def _squad_table(r: dict) -> str:
+    scoring = "CMRC 2018 (per character)" if r["scoring"] == "cmrc2018" else "SQuAD v1.1"
+    return _table(r, [("exact match", _score(r["exact_match"])), ("F1", _score(r["f1"])), ("scoring", scoring)])
+
+
+def _exact_table(r: dict) -> str:
+    return _table(r, [_headline(r), ("correct", f"{r['correct']} of {r['n']}")])
+
+
+def _perplexity_table(r: dict) -> str:
+    rows = [("perplexity", _score(r["score"])), ("loss", f"{r['loss']:.4f} nats/token"), ("tokens", str(r["tokens"]))]
+    return _table(r, rows)
 
 
 def _paired_table(result: dict) -> str:
@@ -147,12 +240,64 @@ def _paired_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def format_table(result: dict) -> str:
+    """The human-readable form of a `llmcli.metrics` result."""
+    if "systems" in result:
+        return _paired_table(result)
+    return METRICS[result["metric"]].table(result)
+
+
+# --- the metrics ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Spec:
+    check: Callable  # (name, ref paths, model) -> None: raises before any file is read
+    read_refs: Callable  # (ref paths, Systems) -> the references `score` takes
+    score: Callable  # (hyps, references, _Options) -> result dict
+    table: Callable  # result -> text
+    options: tuple[str, ...]  # the metric-only options it takes; "--hyp": a paired test of several systems
+
+
+METRICS = {
+    "bleu": _Spec(
+        _needs_refs, _text_refs, _bleu, _bleu_table, ("--tokenize", "--lowercase", "--confidence", "--hyp", "--lang")
+    ),
+    "chrf": _Spec(_needs_refs, _text_refs, _chrf, _chrf_table, ("--lowercase", "--confidence", "--hyp")),
+    "ter": _Spec(_needs_refs, _text_refs, _ter, _ter_table, ("--confidence", "--hyp", "--lang")),
+    "rouge": _Spec(_needs_refs, _text_refs, _rouge, _rouge_table, ("--tokenize", "--stem", "--confidence")),
+    "squad": _Spec(_needs_one_ref, _squad_refs, _squad, _squad_table, ("--lang",)),
+    "exact": _Spec(_needs_refs, _text_refs, _exact, _exact_table, ("--lowercase",)),
+    "perplexity": _Spec(_needs_model, _no_refs, _perplexity, _perplexity_table, ("--model",)),
+}
+Metric = Enum("Metric", {name: name for name in METRICS}, type=str)  # the --metric choices, in table order
+
+
+def _check_option_use(name: str, given: dict[str, object]) -> None:
+    """Options that mean something only for some metrics: giving them elsewhere is an error."""
+    for option, value in given.items():
+        if value is not None and option not in METRICS[name].options:
+            allowed = ", ".join(sorted(other for other, spec in METRICS.items() if option in spec.options))
+            raise UserError(f"{option} does not apply to --metric {name} (only to {allowed})")
+
+
+def _check_inputs(systems: list[str], refs: list[str], confidence: bool | None, paired: str) -> None:
+    if (systems + refs).count(STDIN_NAME) > 1:
+        raise UserError("stdin ('-') can be read only once")
+    if STDIN_NAME in systems and sys.stdin.isatty():
+        raise UserError("no hypothesis file given and stdin is a terminal (pass HYP or pipe text in)")
+    if len(systems) > 1 and confidence:
+        raise UserError("--confidence takes one system; with --hyp the paired bootstrap test reports a 95% CI per system")
+    if paired not in ("bs", "ar"):
+        raise UserError(f"--paired must be bs or ar, not {paired!r}")
+
+
 def eval_command(
-    hyp: Optional[str] = typer.Argument(
+    hyp: str | None = typer.Argument(
         None, metavar="[HYP|-]", help="Hypotheses, one per line; '-' or nothing reads stdin.", show_default=False
     ),
     metric: Metric = typer.Option(Metric.bleu, "--metric", help="What to compute."),
-    refs: List[str] = typer.Option(
+    refs: list[str] = typer.Option(
         [],
         "--ref",
         "-r",
@@ -161,8 +306,8 @@ def eval_command(
         "squad: one SQuAD json (questions in file order) or JSONL with an 'answers' list.",
         show_default=False,
     ),
-    more_hyps: List[str] = typer.Option(
-        [],
+    more_hyps: list[str] | None = typer.Option(
+        None,
         "--hyp",
         metavar="HYP",
         help="Another system's output; the first system is the baseline of a paired significance test "
@@ -175,7 +320,7 @@ def eval_command(
         metavar="bs|ar",
         help="Paired test for several systems: bs (bootstrap resampling) or ar (approximate randomization).",
     ),
-    tokenize: Optional[str] = typer.Option(
+    tokenize: str | None = typer.Option(
         None,
         "--tokenize",
         "-t",
@@ -185,7 +330,9 @@ def eval_command(
         "[default: unicode].",
         show_default=False,
     ),
-    lowercase: bool = typer.Option(False, "--lowercase", help="Case-insensitive (bleu, chrf, exact; TER always is)."),
+    lowercase: bool | None = typer.Option(
+        None, "--lowercase", help="Case-insensitive (bleu, chrf, exact; TER always is)."
+    ),
     lang: str = typer.Option(
         "auto",
         "--lang",
@@ -194,13 +341,13 @@ def eval_command(
         "as CMRC 2018 does. auto: zh when the references are mostly Chinese characters. "
         "Any other code: none of that.",
     ),
-    stem: bool = typer.Option(False, "--stem", help="rouge: Porter-stem English words."),
-    confidence: bool = typer.Option(
-        False,
+    stem: bool | None = typer.Option(None, "--stem", help="rouge: Porter-stem English words."),
+    confidence: bool | None = typer.Option(
+        None,
         "--confidence",
         help="Add a 95% bootstrap confidence interval (1000 resamples, seed $SACREBLEU_SEED or 12345).",
     ),
-    model: Optional[str] = typer.Option(
+    model: str | None = typer.Option(
         None, "--model", "-m", metavar="DIR", help="perplexity: model directory.", show_default=False
     ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
@@ -221,81 +368,28 @@ def eval_command(
       llmcli eval answers.txt --ref cmrc2018_dev.json --metric squad
       llmcli eval held-out.txt --metric perplexity -m runs/lm
     """
-    name = metric.value
-    _check_option_use(
-        name,
-        {
-            "--tokenize": tokenize is not None,
-            "--lowercase": lowercase,
-            "--stem": stem,
-            "--confidence": confidence,
-            "--hyp": bool(more_hyps),
-            "--lang": lang != "auto",
-            "--model": model is not None,
-        },
-    )
-    systems = ([hyp] if hyp is not None else []) + list(more_hyps)
-    if not systems:
-        systems = [STDIN_NAME]
-    if (systems + list(refs)).count(STDIN_NAME) > 1:
-        raise UserError("stdin ('-') can be read only once")
-    if STDIN_NAME in systems and sys.stdin.isatty():
-        raise UserError("no hypothesis file given and stdin is a terminal (pass HYP or pipe text in)")
-    if len(systems) > 1 and confidence:
-        raise UserError("--confidence takes one system; with --hyp the paired bootstrap test reports a 95% CI per system")
-    if paired not in ("bs", "ar"):
-        raise UserError(f"--paired must be bs or ar, not {paired!r}")
-    if name == "perplexity":
-        if refs:
-            raise UserError("--metric perplexity takes no --ref: it scores the text itself")
-        if model is None:
-            raise UserError("--metric perplexity needs a model: -m DIR")
-    elif not refs:
-        raise UserError(f"--metric {name} needs at least one --ref REF")
-    elif name == "squad" and len(refs) > 1:
-        raise UserError("--metric squad takes one --ref (list several answers per question inside it)")
+    name, spec, ref_paths = metric.value, METRICS[metric.value], list(refs)
+    lang_code = None if lang == "auto" else lang  # --lang auto means what not giving it does
+    given = {
+        "--tokenize": tokenize,
+        "--lowercase": lowercase,
+        "--stem": stem,
+        "--confidence": confidence,
+        "--hyp": more_hyps,
+        "--lang": lang_code,
+        "--model": model,
+    }
+    _check_option_use(name, given)
+    paths = ([hyp] if hyp is not None else []) + list(more_hyps or []) or [STDIN_NAME]
+    _check_inputs(paths, ref_paths, confidence, paired)
+    spec.check(name, ref_paths, model)
 
     _route_library_warnings()
-    hyps = [_read_nonempty(path) for path in systems]
-    lang_code = None if lang == "auto" else lang
-
-    if name == "perplexity":
-        from llmcli.tasks import perplexity
-
-        result = {"metric": "perplexity", **perplexity(model, hyps[0])}
-    elif name == "squad":
-        answers = m.squad_answers(read_text(refs[0]), _name(refs[0]))
-        if not answers:
-            raise UserError(f"{_name(refs[0])} holds no questions")
-        if len(answers) != len(hyps[0]):
-            raise UserError(
-                f"{_name(systems[0])} has {len(hyps[0])} lines but {_name(refs[0])} has {len(answers)} questions"
-            )
-        result = m.squad(hyps[0], answers, lang=lang_code)
+    systems = [(_name(path), _read_nonempty(path)) for path in paths]
+    references = spec.read_refs(ref_paths, systems)
+    options = _Options(tokenize, bool(lowercase), bool(stem), bool(confidence), lang_code, model)
+    if len(systems) > 1:
+        result = _paired_test(name, systems, references, paired, options)
     else:
-        ref_lines = [_read_nonempty(path) for path in refs]
-        for path, lines in zip(systems, hyps):
-            for ref_path, ref in zip(refs, ref_lines):
-                if len(ref) != len(lines):
-                    raise UserError(f"{_name(path)} has {len(lines)} lines but {_name(ref_path)} has {len(ref)}")
-        if lang == "auto" and name in ("bleu", "ter"):
-            lang_code = "zh" if m.looks_chinese(ref_lines[0]) else None
-        if len(systems) > 1:
-            result = m.paired_test(
-                name, list(zip(map(_name, systems), hyps)), ref_lines,
-                test=paired, tokenize=tokenize, lowercase=lowercase, lang=lang_code,
-            )  # fmt: skip
-        elif name == "bleu":
-            result = m.bleu(
-                hyps[0], ref_lines, tokenize=tokenize, lowercase=lowercase, lang=lang_code, confidence=confidence
-            )
-        elif name == "chrf":
-            result = m.chrf(hyps[0], ref_lines, lowercase=lowercase, confidence=confidence)
-        elif name == "ter":
-            result = m.ter(hyps[0], ref_lines, lang=lang_code, confidence=confidence)
-        elif name == "rouge":
-            result = m.rouge(hyps[0], ref_lines, stem=stem, tokenize=tokenize or "unicode", confidence=confidence)
-        else:
-            result = m.exact(hyps[0], ref_lines, lowercase=lowercase)
-
+        result = spec.score(systems[0][1], references, options)
     print(json.dumps(result, ensure_ascii=False) if as_json else format_table(result), flush=True)
