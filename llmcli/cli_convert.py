@@ -23,11 +23,11 @@ def convert_command(
     Example: llmcli convert Helsinki-NLP/opus-mt-en-de opus-en-de && llmcli translate -m opus-en-de news.en
     """
     from llmcli.convert import convert, save
-    from llmcli.hub import resolve
+    from llmcli.hub import find_hf_model
     from llmcli.io import info, settings
 
     settings.quiet = quiet
-    source = resolve(src)
+    source = find_hf_model(src)
     if source is None:
         if Path(src).is_dir():
             raise UserError(f"{src}: not a Hugging Face model directory (no config.json with a model_type)")

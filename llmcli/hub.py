@@ -1,5 +1,6 @@
-"""What `-m` names: an llmcli model directory, a Hugging Face model directory, or a Hugging
-Face model id ("Helsinki-NLP/opus-mt-en-de") found in the local Hugging Face cache.
+"""What `-m` names, resolved to an llmcli model directory for `checkpoint.load_model`: an
+llmcli model directory, a Hugging Face model directory, or a Hugging Face model id
+("Helsinki-NLP/opus-mt-en-de") found in the local Hugging Face cache.
 
 Model ids resolve through the standard cache layout ($HF_HUB_CACHE, else $HF_HOME/hub,
 else ~/.cache/huggingface/hub: models--org--name/snapshots/<revision>/, refs/main naming
@@ -10,11 +11,12 @@ the network is unreachable, in which case one line says so.
 A foreign model is converted once into llmcli's cache (converted/ under $LLMCLI_CACHE,
 else $XDG_CACHE_HOME/llmcli, else ~/.cache/llmcli), keyed by its files' names, sizes and
 times, and loaded from there afterwards; where that cache cannot be written, it is
-converted in memory each time.
+converted each time, into a temporary directory removed at exit.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import re
@@ -22,30 +24,21 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from llmcli.checkpoint import is_model_dir
+from llmcli.convert import VERSION, convert, is_hf_dir, save
 from llmcli.errors import UserError
-from llmcli.io import info, warn
+from llmcli.io import cache_root, info, user_cache, warn
 
 # What a conversion reads; downloads fetch these only.
 DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.spm", "*.model", "*.txt"]
 _MODEL_ID = re.compile(r"[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?")
 
 
-def llmcli_cache() -> Path:
-    # the same place as demo.py's cache_dir
-    root = os.environ.get("LLMCLI_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "llmcli"
-    )
-    return Path(root)
-
-
 def hf_cache() -> Path:
     """The Hugging Face hub cache, read from the environment now (huggingface_hub reads it once, at import)."""
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"])
-    home = os.environ.get("HF_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface"
-    )
-    return Path(home) / "hub"
+    return Path(os.environ.get("HF_HOME") or user_cache() / "huggingface") / "hub"
 
 
 def offline() -> bool:
@@ -56,11 +49,16 @@ def looks_like_model_id(spec: str) -> bool:
     return bool(_MODEL_ID.fullmatch(spec)) and ".." not in spec and "--" not in spec
 
 
-def resolve(spec: str) -> Path | None:
+def resolve(spec: str) -> Path:
+    """The llmcli model directory `spec` names: itself, or the Hugging Face model it names,
+    converted into llmcli's cache. What is wrong with a directory, `load_model` says."""
+    src = find_hf_model(spec)
+    return Path(spec) if src is None else converted(src)
+
+
+def find_hf_model(spec: str) -> Path | None:
     """The Hugging Face model directory `spec` names, or None when it names none (an llmcli
     directory, or nothing: the caller reports that)."""
-    from llmcli.convert import is_hf_dir
-
     path = Path(spec).expanduser()
     if path.exists():
         return path if path.is_dir() and is_hf_dir(path) else None
@@ -134,8 +132,6 @@ def _hub_error(e: Exception) -> str:
 
 
 def _fingerprint(src: Path) -> str:
-    from llmcli.convert import VERSION
-
     h = hashlib.sha256(f"llmcli-convert {VERSION}\n{src.resolve()}\n".encode())
     for f in sorted(src.iterdir()):
         if f.is_file():
@@ -148,22 +144,14 @@ def converted_path(src: Path) -> Path:
     name = re.sub(r"[^\w.\-]+", "-", src.resolve().name) or "model"
     if re.fullmatch(r"[0-9a-f]{40}", name):  # a hub snapshot: the repository's name says more
         name = src.resolve().parent.parent.name.removeprefix("models--")
-    return llmcli_cache() / "converted" / f"{name}-{_fingerprint(src)}"
+    return cache_root() / "converted" / f"{name}-{_fingerprint(src)}"
 
 
-def load_foreign(spec: str, device="cpu"):
-    """The converted model `spec` names (see `resolve`), or None when it names no foreign model."""
-    from llmcli.checkpoint import is_model_dir, load_model
-    from llmcli.convert import convert, save
-
-    src = resolve(spec)
-    if src is None:
-        return None
+def converted(src: Path) -> Path:
+    """The llmcli model directory of the Hugging Face model in `src`, converted on first use."""
     target = converted_path(src)
     if is_model_dir(target):
-        loaded = load_model(target, device)
-        loaded.path = src
-        return loaded
+        return target
     loaded = convert(src)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -175,7 +163,10 @@ def load_foreign(spec: str, device="cpu"):
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     except OSError as e:
-        if not is_model_dir(target):  # else another process cached it first
-            warn(f"cannot cache the converted model in {target.parent} ({e.strerror}); converting it each time")
-    loaded.model.to(device)
-    return loaded
+        if is_model_dir(target):  # another process cached it first
+            return target
+        warn(f"cannot cache the converted model in {target.parent} ({e.strerror}); converting it each time")
+        target = Path(tempfile.mkdtemp(prefix="llmcli-converted-"))
+        atexit.register(shutil.rmtree, target, ignore_errors=True)
+        save(loaded, target)
+    return target

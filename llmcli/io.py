@@ -1,4 +1,5 @@
-"""Reading lines, writing files atomically, and the stderr channel for warnings.
+"""Reading lines, writing files atomically, the stderr channel for warnings, and where
+llmcli keeps its cache.
 
 Text is UTF-8 whatever the locale. Invalid bytes are replaced (U+FFFD) with one
 warning per stream naming the first bad line, never a crash.
@@ -137,6 +138,16 @@ def default_file_mode() -> int:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_write(path, "wb") as f:
         f.write(data)
+
+
+def user_cache() -> Path:
+    """$XDG_CACHE_HOME, else ~/.cache: the folder llmcli's and Hugging Face's caches live in."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"))
+
+
+def cache_root() -> Path:
+    """llmcli's cache (the demo, converted models): $LLMCLI_CACHE, else user_cache()/llmcli."""
+    return Path(os.environ.get("LLMCLI_CACHE") or user_cache() / "llmcli")
 
 
 class LineWriter:

@@ -13,355 +13,32 @@ A family module (marian, bart, t5, gpt2, llama, bert) holds data, as litgpt's
 and optionally `tokenizers(src, hf, cfg)` when the model ships no tokenizer.json (Marian's
 SentencePiece files, converted by `spm.py`).
 
-`apply_map` is the one loop: afterwards every source tensor was used or dropped and every
-parameter of ours was filled with the right shape, or it fails once, naming them all.
-Weights come from safetensors, or from `pytorch_model.bin` through
-`torch.load(weights_only=True)`, which refuses pickles that would run code.
+`common.apply_map` is the one loop: afterwards every source tensor was used or dropped and
+every parameter of ours was filled with the right shape, or it fails once, naming them all.
+The helpers the families share live in `common.py`; this module picks the family and puts
+model, tokenizers and generation settings together.
 """
 
 from __future__ import annotations
 
 import json
-import pickle
-import re
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Sequence, Union
 
-import torch
-from torch import Tensor
-
-from llmcli.checkpoint import LoadedModel, _names, load_state_into, load_weights, model_tensors, save_model
-from llmcli.config import ModelConfig
+from llmcli.checkpoint import LoadedModel, build_for_loading, load_state_into, model_tensors, save_model
+from llmcli.convert import bart, bert, gpt2, llama, marian, t5
+from llmcli.convert.common import (
+    apply_map,
+    generation_settings,
+    hf_tokenizer,
+    read_generation_config,
+    read_hf_config,
+    read_weights,
+)
 from llmcli.errors import UserError
-from llmcli.io import read_text, warn
 from llmcli.model import Transformer
-from llmcli.tokenizer import Tokenizer
-
-Transform = Callable[[Tensor], Union[Tensor, Sequence[Tensor]]]
-Target = Union[str, None, tuple[Union[str, tuple[str, ...]], Transform]]
 
 VERSION = "1"  # bump when a family's output changes: converted models cached by hub.py are redone
-
-
-# ---------------------------------------------------------------- transforms
-
-
-def transpose(t: Tensor) -> Tensor:
-    return t.t().contiguous()
-
-
-def split(n: int, then: Transform | None = None) -> Transform:
-    """Cut a fused tensor (GPT-2's c_attn: q, k, v) into n equal parts along its output dimension."""
-
-    def cut(t: Tensor) -> list[Tensor]:
-        t = then(t) if then is not None else t
-        if t.shape[0] % n:
-            return [t]  # shape check below names it
-        return [part.contiguous() for part in t.chunk(n, dim=0)]
-
-    return cut
-
-
-# ---------------------------------------------------------------- reading their files
-
-
-def read_hf_config(src: Path) -> dict:
-    path = src / "config.json"
-    try:
-        hf = json.loads(read_text(path))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(hf, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return hf
-
-
-def is_hf_dir(path: Path) -> bool:
-    """A Hugging Face model directory: a config.json naming a model_type (ours never does)."""
-    try:
-        hf = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(hf, dict) and "model_type" in hf
-
-
-def read_generation_config(src: Path, hf: dict) -> dict:
-    """generation_config.json over the generation keys older models keep in config.json."""
-    keys = ("decoder_start_token_id", "bos_token_id", "eos_token_id", "pad_token_id", "forced_bos_token_id",
-            "forced_eos_token_id", "bad_words_ids", "suppress_tokens", "num_beams", "length_penalty", "max_length",
-            "min_length", "no_repeat_ngram_size", "early_stopping")  # fmt: skip
-    gen = {k: hf[k] for k in keys if hf.get(k) is not None}
-    path = src / "generation_config.json"
-    if path.is_file():
-        try:
-            data = json.loads(read_text(path))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        gen.update({k: v for k, v in data.items() if k in keys and v is not None})
-    return gen
-
-
-_REFUSED = ("tf_model.h5", "flax_model.msgpack", "model.ckpt.index", "consolidated.00.pth", "model.onnx")
-
-
-def read_weights(src: Path) -> dict[str, Tensor]:
-    """All tensors of the checkpoint, from safetensors (single or sharded) or a weights-only pickle."""
-    files: list[Path]
-    for single, index in (("model.safetensors", "model.safetensors.index.json"), ("pytorch_model.bin", "pytorch_model.bin.index.json")):
-        if (src / single).is_file():
-            files = [src / single]
-            break
-        if (src / index).is_file():
-            try:
-                weight_map = json.loads(read_text(src / index))["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise UserError(f"{src / index}: not a shard index (no weight_map)") from None
-            files = [src / name for name in sorted(set(weight_map.values()))]
-            break
-    else:
-        found = [name for name in _REFUSED if (src / name).exists()]
-        what = f" (it has {', '.join(found)})" if found else ""
-        raise UserError(f"{src}: no model.safetensors or pytorch_model.bin{what}; llmcli reads only those")
-    tensors: dict[str, Tensor] = {}
-    for path in files:
-        part = load_weights(path) if path.suffix == ".safetensors" else _load_pickle(path)
-        tensors.update(part)
-    return {_legacy_name(name): t for name, t in tensors.items()}
-
-
-def _load_pickle(path: Path) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    try:
-        # weights_only: the unpickler accepts tensors and plain containers, never arbitrary callables
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: refused: not a plain tensor checkpoint ({reason[:160]})") from None
-    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in data.items()):
-        raise UserError(f"{path}: refused: expected a flat dict of tensors")
-    return data
-
-
-def _legacy_name(name: str) -> str:
-    # Old TF-ported checkpoints (BERT) call LayerNorm's weight and bias gamma and beta.
-    if name.endswith("LayerNorm.gamma"):
-        return name[: -len("gamma")] + "weight"
-    if name.endswith("LayerNorm.beta"):
-        return name[: -len("beta")] + "bias"
-    return name
-
-
-# ---------------------------------------------------------------- the one loop
-
-
-def _pattern(template: str) -> re.Pattern:
-    return re.compile("^" + re.escape(template).replace(r"\{\}", r"(\d+)") + "$")
-
-
-def apply_map(tensors: dict[str, Tensor], weight_map: dict[str, Target], expected: dict[str, Tensor],
-              source: str) -> dict[str, Tensor]:
-    """Our tensors from theirs by `weight_map`; fails once listing every unmatched, unfilled or
-    misshapen name. Several of theirs may fill one of ours (tied copies) if they are equal."""
-    rules = [(_pattern(src), src, target) for src, target in weight_map.items()]
-    exact = {src: target for src, target in weight_map.items() if "{}" not in src}
-    out: dict[str, Tensor] = {}
-    origin: dict[str, str] = {}
-    unexpected, conflicts = [], []
-    for name, tensor in tensors.items():
-        if name in exact:
-            target, numbers = exact[name], ()
-        else:
-            for regex, _, target in rules:
-                if m := regex.match(name):
-                    numbers = m.groups()
-                    break
-            else:
-                unexpected.append(name)
-                continue
-        if target is None:
-            continue
-        names, transform = (target, None) if isinstance(target, str) else target
-        names = (names,) if isinstance(names, str) else names
-        parts = transform(tensor) if transform is not None else tensor
-        parts = [parts] if isinstance(parts, Tensor) else list(parts)
-        if len(parts) != len(names):
-            conflicts.append(f"{name} {tuple(tensor.shape)} cannot be split into {len(names)}")
-            continue
-        for ours, part in zip(names, parts):
-            ours = ours.format(*numbers)
-            if ours in out:
-                if out[ours].shape != part.shape or not torch.equal(out[ours], part):
-                    conflicts.append(f"{name} differs from {origin[ours]}")
-                continue
-            out[ours], origin[ours] = part, name
-
-    missing = [_their_name(ours, weight_map) for ours in expected if ours not in out]
-    unexpected += [f"{origin[ours]} (no {ours} in this config)" for ours in out if ours not in expected]
-    wrong = [f"{origin[n]} {tuple(out[n].shape)} != {tuple(expected[n].shape)}"
-             for n in expected if n in out and out[n].shape != expected[n].shape]  # fmt: skip
-    problems = [f"{label} {_names(items)}" for label, items in
-                (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong), ("conflicting", conflicts)) if items]  # fmt: skip
-    if problems:
-        raise UserError(f"{source}: cannot convert: {'; '.join(problems)}")
-    return {n: out[n] for n in expected}
-
-
-def _their_name(ours: str, weight_map: dict[str, Target]) -> str:
-    """The source name that would have filled `ours` (the first, when several could)."""
-    for src, target in weight_map.items():
-        if target is None:
-            continue
-        names = target if isinstance(target, str) else target[0]
-        for candidate in (names,) if isinstance(names, str) else names:
-            if m := _pattern(candidate).match(ours):
-                return src.format(*m.groups())
-    return ours
-
-
-def optional_prefix(prefix: str, weight_map: dict[str, Target]) -> dict[str, Target]:
-    """The same map, also matching names without `prefix` (GPT-2's hub files have no "transformer.")."""
-    both = dict(weight_map)
-    both.update({k.removeprefix(prefix): v for k, v in weight_map.items() if k.startswith(prefix)})
-    return both
-
-
-def is_tied(tensors: dict[str, Tensor], head: str, embedding: str) -> bool:
-    """Tied unless the checkpoint has its own, different output matrix (as transformers 5 decides)."""
-    if head not in tensors or embedding not in tensors:
-        return True
-    a, b = tensors[head], tensors[embedding]
-    return a.shape == b.shape and torch.equal(a, b)
-
-
-# ---------------------------------------------------------------- config helpers for the families
-
-ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
-               "silu": "silu", "swish": "silu"}  # fmt: skip
-
-
-def activation(name: str, where: str) -> str:
-    if name not in ACTIVATIONS:
-        raise UserError(f"{where}: activation {name!r} is not supported; llmcli runs {', '.join(ACTIVATIONS)}")
-    return ACTIVATIONS[name]
-
-
-def require(hf: dict, where: str, **supported) -> None:
-    """Refuse config values we cannot run, e.g. require(hf, src, add_cross_attention=False)."""
-    for key, value in supported.items():
-        if key in hf and hf[key] is not None and hf[key] != value:
-            raise UserError(f"{where}: {key}={hf[key]!r} is not supported (llmcli runs {key}={value!r})")
-
-
-def same(hf: dict, where: str, *keys: str):
-    """One value for keys llmcli keeps once (encoder and decoder heads, FFN sizes)."""
-    values = {hf[k] for k in keys if hf.get(k) is not None}
-    if len(values) > 1:
-        raise UserError(f"{where}: {' and '.join(f'{k}={hf[k]}' for k in keys)} differ; llmcli needs one value")
-    return values.pop() if values else None
-
-
-# ---------------------------------------------------------------- special tokens and generation settings
-
-
-def token_ids(hf: dict, gen: dict) -> dict[str, int | None]:
-    """pad, bos, eos and decoder start ids; HF's fallbacks: pad = eos, start = bos."""
-
-    def first(value):
-        return value[0] if isinstance(value, list) and value else value
-
-    eos = first(gen.get("eos_token_id", hf.get("eos_token_id")))
-    bos = first(gen.get("bos_token_id", hf.get("bos_token_id")))
-    pad = first(gen.get("pad_token_id", hf.get("pad_token_id")))
-    start = gen.get("decoder_start_token_id", hf.get("decoder_start_token_id"))
-    if isinstance(gen.get("eos_token_id"), list) and len(gen["eos_token_id"]) > 1:
-        warn(f"the model has several end tokens {gen['eos_token_id']}; llmcli stops at the first, {eos}")
-    pad = eos if pad is None else pad
-    if bos is None:  # T5, Marian: no start-of-text token; the decoder start stands in
-        bos = start if start is not None else eos
-    return {"pad": pad, "bos": bos, "eos": eos, "start": start}
-
-
-def generation_settings(gen: dict, cfg: ModelConfig) -> dict:
-    """Their generation settings in llmcli's terms (generation.json)."""
-    out: dict = {}
-    if gen.get("forced_bos_token_id") is not None and cfg.is_encoder_decoder:
-        out["forced_bos_id"] = gen["forced_bos_token_id"]
-    if gen.get("forced_eos_token_id") is not None:
-        forced = gen["forced_eos_token_id"]
-        out["forced_eos_id"] = forced[0] if isinstance(forced, list) else forced
-    suppress = list(gen.get("suppress_tokens") or [])
-    for words in gen.get("bad_words_ids") or []:
-        if len(words) == 1 and words[0] != cfg.eos_id:  # HF drops the eos from bad words
-            suppress.append(words[0])
-        elif len(words) > 1:
-            warn(f"bad word sequence {words} ignored: llmcli bans single tokens only")
-    out["suppress_tokens"] = sorted(set(suppress))  # the complete list: nothing else is banned
-    decode = {}
-    names = {"num_beams": "beam_size", "length_penalty": "length_penalty", "no_repeat_ngram_size": "no_repeat_ngram_size",
-             "early_stopping": "early_stopping"}  # fmt: skip
-    for theirs, ours in names.items():
-        if gen.get(theirs) is not None:
-            decode[ours] = gen[theirs]
-    if cfg.is_encoder_decoder:  # HF's lengths count the decoder start token
-        if gen.get("max_length") is not None:
-            decode["max_len"] = max(1, gen["max_length"] - 1)
-        if gen.get("min_length"):
-            decode["min_len"] = max(0, gen["min_length"] - 1)
-    if decode:
-        out["decode"] = decode
-    return out
-
-
-def special_names(tok, ids: dict[str, int | None], source: str) -> dict[str, str | None]:
-    """The names of the pad, bos, eos and unk tokens of a tokenizers.Tokenizer, by id."""
-    names: dict[str, str | None] = {}
-    for role in ("pad", "bos", "eos"):
-        name = tok.id_to_token(ids[role]) if ids[role] is not None else None
-        if name is None:
-            raise UserError(f"{source}: the tokenizer has no {role} token with id {ids[role]}")
-        names[role] = name
-    model = json.loads(tok.to_str()).get("model") or {}
-    unk = model.get("unk_token")
-    if unk is None and model.get("unk_id") is not None:
-        unk = tok.id_to_token(model["unk_id"])
-    names["unk"] = unk if unk is not None and tok.token_to_id(unk) is not None else None
-    return names
-
-
-def template(tok) -> tuple[list[int], list[int]]:
-    """What the tokenizer's post-processor puts around one text (BART: <s> ... </s>; T5: ... </s>)."""
-    for probe in ("a", "hello", "1"):
-        plain = tok.encode(probe, add_special_tokens=False).ids
-        full = tok.encode(probe, add_special_tokens=True).ids
-        if not plain:
-            continue
-        for i in range(len(full) - len(plain) + 1):
-            if full[i : i + len(plain)] == plain:
-                return full[:i], full[i + len(plain) :]
-    return [], []
-
-
-def hf_tokenizer(src: Path, names_by_id: dict[str, int | None]) -> tuple[Tokenizer, Tokenizer, dict]:
-    import tokenizers
-
-    path = src / "tokenizer.json"
-    if not path.is_file():
-        raise UserError(f"{src}: no tokenizer.json (llmcli reads a tokenizer.json; save one with a fast tokenizer)")
-    try:
-        hf_tok = tokenizers.Tokenizer.from_file(str(path))
-    except Exception as e:  # the Rust parser raises plain Exception
-        raise UserError(f"{path}: not a tokenizer.json ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    names = special_names(hf_tok, names_by_id, str(path))
-    prefix, suffix = template(hf_tok)
-    tok = Tokenizer.from_hf(hf_tok, **names, source=str(path))
-    return tok, tok, {"special_tokens": names, "prefix": prefix, "suffix": suffix}
-
-
-# ---------------------------------------------------------------- families
-
-from llmcli.convert import bart, bert, gpt2, llama, marian, t5  # noqa: E402  (they import the helpers above)
 
 FAMILIES: dict[str, ModuleType] = {model_type: family for family in (marian, bart, t5, gpt2, llama, bert)
                                    for model_type in family.MODEL_TYPES}  # fmt: skip
@@ -379,38 +56,43 @@ def family_of(hf: dict, source: str) -> ModuleType:
     return family
 
 
-# ---------------------------------------------------------------- convert, save
+def is_hf_dir(path: Path) -> bool:
+    """A Hugging Face model directory: a config.json naming a model_type (ours never does)."""
+    try:
+        hf = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(hf, dict) and "model_type" in hf
 
 
 def convert_weights(src: str | Path) -> Transformer:
     """The model of a Hugging Face directory, without its tokenizer (float32, eval mode)."""
-    src = Path(src)
-    if not (src / "config.json").is_file():
-        raise UserError(f"{src}: not a Hugging Face model directory (no config.json)")
+    return _convert_weights(Path(src))[0]
+
+
+def _convert_weights(src: Path) -> tuple[Transformer, dict, ModuleType, dict]:
+    """The model, and what was read on the way: their config, its family, their generation settings."""
     hf = read_hf_config(src)
     family = family_of(hf, str(src))
     tensors = read_weights(src)
-    cfg = family.config(hf, tensors, read_generation_config(src, hf))
-    model = Transformer.for_loading(cfg)
+    gen = read_generation_config(src, hf)
+    cfg = family.config(hf, tensors, gen)
+    model = build_for_loading(cfg)
     ours = apply_map(tensors, family.weight_map(hf, cfg), model_tensors(model), str(src))
     del tensors
     load_state_into(model, ours, str(src))
-    return model.eval()
+    return model.eval(), hf, family, gen
 
 
 def convert(src: str | Path) -> LoadedModel:
     """A Hugging Face model directory as an llmcli model, in memory (float32, eval mode)."""
     src = Path(src)
-    model = convert_weights(src)
+    model, hf, family, gen = _convert_weights(src)
     cfg = model.cfg
-    hf = read_hf_config(src)
-    family = family_of(hf, str(src))
-    gen = read_generation_config(src, hf)
-    ids = {"pad": cfg.pad_id, "bos": cfg.bos_id, "eos": cfg.eos_id}
     if hasattr(family, "tokenizers"):
         tokenizer, source_tokenizer, tok_facts = family.tokenizers(src, hf, cfg)
     else:
-        tokenizer, source_tokenizer, tok_facts = hf_tokenizer(src, ids)
+        tokenizer, source_tokenizer, tok_facts = hf_tokenizer(src, {"pad": cfg.pad_id, "bos": cfg.bos_id, "eos": cfg.eos_id})
     if tokenizer.vocab_size > cfg.output_vocab_size or source_tokenizer.vocab_size > cfg.vocab_size:
         raise UserError(f"{src}: the tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.output_vocab_size}")
     generation = {"converted_from": {"model_type": hf["model_type"], "architectures": hf.get("architectures") or []},
@@ -432,5 +114,4 @@ def save(loaded: LoadedModel, out: str | Path) -> Path:
     return save_model(out, loaded.model, loaded.tokenizer, loaded.source_tokenizer, loaded.generation)
 
 
-__all__ = ["FAMILIES", "VERSION", "apply_map", "convert", "convert_weights", "generation_settings", "is_hf_dir",
-           "read_weights", "save"]
+__all__ = ["FAMILIES", "VERSION", "convert", "convert_weights", "family_of", "is_hf_dir", "save"]

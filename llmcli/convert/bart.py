@@ -7,7 +7,7 @@ per stack and (mbart-large-cc25) embeddings scaled by sqrt(d_model).
 from __future__ import annotations
 
 from llmcli.config import ModelConfig
-from llmcli.convert import activation, is_tied, optional_prefix, same, token_ids
+from llmcli.convert.common import activation, is_tied, optional_prefix, same, token_ids
 from llmcli.errors import UserError
 
 MODEL_TYPES = ("bart", "mbart")

@@ -6,7 +6,7 @@ The QA head (`qa_outputs`) gives a start and an end logit per token.
 from __future__ import annotations
 
 from llmcli.config import ModelConfig
-from llmcli.convert import activation, optional_prefix, require
+from llmcli.convert.common import activation, optional_prefix, require
 
 MODEL_TYPES = ("bert",)
 ARCHITECTURES = ("BertForQuestionAnswering",)

@@ -7,7 +7,7 @@ fuses q, k and v into one `c_attn`; the hub's original files lack the "transform
 from __future__ import annotations
 
 from llmcli.config import ModelConfig
-from llmcli.convert import activation, is_tied, optional_prefix, require, split, token_ids, transpose
+from llmcli.convert.common import activation, is_tied, optional_prefix, require, split, token_ids, transpose
 
 MODEL_TYPES = ("gpt2",)
 ARCHITECTURES = ("GPT2LMHeadModel",)

@@ -8,7 +8,7 @@ plain rename. Only the default rotary scaling is supported (not "llama3", "yarn"
 from __future__ import annotations
 
 from llmcli.config import ModelConfig
-from llmcli.convert import activation, is_tied, optional_prefix, require, token_ids
+from llmcli.convert.common import activation, is_tied, optional_prefix, require, token_ids
 from llmcli.errors import UserError
 
 MODEL_TYPES = ("llama",)

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from llmcli.config import ModelConfig
-from llmcli.convert import bart, is_tied, optional_prefix
+from llmcli.convert import bart, spm
+from llmcli.convert.common import hf_tokenizer, is_tied, optional_prefix
 from llmcli.errors import UserError
 from llmcli.io import read_text
 from llmcli.model import sinusoidal_table
@@ -57,8 +58,6 @@ def _same_sinusoids(name: str):
 
 
 def tokenizers(src: Path, hf: dict, cfg: ModelConfig) -> tuple[Tokenizer, Tokenizer, dict]:
-    from llmcli.convert import hf_tokenizer, spm
-
     files = ("source.spm", "target.spm", "vocab.json")
     if (src / "tokenizer.json").is_file() and not all((src / f).is_file() for f in files):
         return hf_tokenizer(src, {"pad": cfg.pad_id, "bos": cfg.pad_id, "eos": cfg.eos_id})

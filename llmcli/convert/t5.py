@@ -7,7 +7,7 @@ tied output by d_model**-0.5; v1.1 a gated-GELU FFN and (on the hub) its own out
 from __future__ import annotations
 
 from llmcli.config import ModelConfig
-from llmcli.convert import activation, is_tied, token_ids
+from llmcli.convert.common import activation, is_tied, token_ids
 from llmcli.errors import UserError
 
 MODEL_TYPES = ("t5",)
