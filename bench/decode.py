@@ -105,7 +105,7 @@ def inputs(V: int, batch: int, low: int, high: int, banned: set[int], seed: int 
 
 def run_llmcli(model, rows, beam: int, new: int, eos: int):
     from llmcli import decoding
-    from llmcli.model import PAD_TOKEN
+    from llmcli.cache import PAD_TOKEN
 
     cfg = model.cfg
     W = max(map(len, rows))
@@ -184,6 +184,7 @@ def main() -> None:
                    help="threads per system (default 1: on a shared machine more threads oversubscribe and time noise)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    from llmcli import fast
     from llmcli.convert import convert_weights
 
     try:
@@ -197,7 +198,7 @@ def main() -> None:
         for family in args.families.split(","):
             directory = Path(tmp) / family
             hf = build(family, args.size, directory)
-            ours = convert_weights(directory)
+            ours = fast.prepare(convert_weights(directory))  # as the commands run it
             V = ours.cfg.vocab_size
             eos = ours.cfg.eos_id
             banned = {ours.cfg.pad_id, ours.cfg.bos_id, eos, ours.cfg.start_id}

@@ -3,7 +3,7 @@
 The model side provides two things (see model.py):
 - `step(tokens (B, T), cache) -> logits (B, V)`: feeds T new tokens per row, appends them to the
   cache and returns the float logits of each row's last position. The first call gets the start
-  tokens, left-padded with -1; later calls get one token per row. The logits are the decoder's
+  tokens, left-padded with PAD_TOKEN (-1); later calls get one token per row. The logits are the decoder's
   from then on: it may change them in place, so a step returns a new tensor, not its own state.
 - `cache.select(index)`: keeps batch rows `index` in that order, like `index_select(0, index)`.
 
@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-PAD = -1  # left padding of start tokens; never generated
+from llmcli.cache import PAD_TOKEN
+
 NEG = -1.0e9  # HF's "impossible" score for beams, kept so that ties and fallbacks break the same way
 
 
@@ -147,11 +148,10 @@ class _Rules:
         return scores
 
 
-def _own(logits: Tensor) -> Tensor:
-    """A step's logits as float, in a tensor this module may change in place: a step run in
-    inference mode returns a tensor that can be changed only inside it."""
-    logits = logits.float()
-    return logits.clone() if logits.is_inference() and not torch.is_inference_mode_enabled() else logits
+def _rules(eos_id: int, repetition_penalty: float, no_repeat_ngram_size: int, suppress_tokens: Sequence[int],
+           forced_tokens: Sequence[int], forced_eos_id: int | None, min_new: Tensor, max_new: Tensor) -> _Rules:
+    return _Rules(eos_id, repetition_penalty, no_repeat_ngram_size, tuple(forced_tokens), forced_eos_id,
+                  tuple(suppress_tokens), ban_eos_until=int(min_new.max()), force_eos_from=int(max_new.min()) - 1)
 
 
 def _per_row(value: PerRow, n: int, device: torch.device, name: str) -> Tensor:
@@ -166,7 +166,7 @@ def _strip_eos(tokens: list[int], eos_id: int) -> list[int]:
     return tokens[:-1] if tokens and tokens[-1] == eos_id else tokens
 
 
-def _decode(step, cache, start_tokens, pick, rules: dict, *, max_new_tokens, min_new_tokens, on_tokens):
+def _decode(step, cache, start_tokens, pick, *, max_new_tokens, min_new_tokens, on_tokens, **rule_options):
     """One token per row per step; `pick(scores (B, V)) -> (tokens (B,), log-probs (B,))`."""
     B, P = start_tokens.shape
     device = start_tokens.device
@@ -176,14 +176,14 @@ def _decode(step, cache, start_tokens, pick, rules: dict, *, max_new_tokens, min
         return []
     if int(max_new.min()) < 1:
         raise ValueError("max_new_tokens must be >= 1")
-    rules = _Rules(**rules, ban_eos_until=int(min_new.max()), force_eos_from=int(max_new.min()) - 1)
+    rules = _rules(**rule_options, min_new=min_new, max_new=max_new)
     rows = list(range(B))  # original index of each live row
     history = start_tokens  # (B, P + t)
     scores = torch.zeros(B, device=device)
     results: list[Hypothesis | None] = [None] * B
     tokens = start_tokens
     for t in range(int(max_new.max())):
-        logits = rules(_own(step(tokens, cache)), history, t, min_new, max_new)  # (B, V)
+        logits = rules(step(tokens, cache).float(), history, t, min_new, max_new)  # (B, V)
         new, log_prob = pick(logits)  # (B,), (B,)
         scores = scores + log_prob
         history = torch.cat([history, new[:, None]], dim=1)
@@ -204,6 +204,7 @@ def _decode(step, cache, start_tokens, pick, rules: dict, *, max_new_tokens, min
     return results
 
 
+@torch.inference_mode()  # no gradients; and a step run in inference mode gives logits changeable only in it
 def greedy_search(
     step: Step,
     cache: Cache,
@@ -221,17 +222,18 @@ def greedy_search(
 ) -> list[Hypothesis]:
     """HF `generate(do_sample=False, num_beams=1)`. The score sums the log-softmax of the processed
     logits at the chosen tokens (HF's `compute_transition_scores(normalize_logits=True)`)."""
-    rules = dict(eos_id=eos_id, repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                 forced_tokens=tuple(forced_tokens), forced_eos_id=forced_eos_id, suppress_tokens=tuple(suppress_tokens))
 
     def pick(logits: Tensor) -> tuple[Tensor, Tensor]:
         new = logits.argmax(-1)
         return new, torch.log_softmax(logits, -1, out=logits).gather(1, new[:, None]).squeeze(1)  # in place: see _Rules
 
-    return _decode(step, cache, start_tokens, pick, rules, max_new_tokens=max_new_tokens,
-                   min_new_tokens=min_new_tokens, on_tokens=on_tokens)
+    return _decode(step, cache, start_tokens, pick, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                   on_tokens=on_tokens, eos_id=eos_id, repetition_penalty=repetition_penalty,
+                   no_repeat_ngram_size=no_repeat_ngram_size, suppress_tokens=suppress_tokens,
+                   forced_tokens=forced_tokens, forced_eos_id=forced_eos_id)
 
 
+@torch.inference_mode()  # no gradients; and a step run in inference mode gives logits changeable only in it
 def sample(
     step: Step,
     cache: Cache,
@@ -256,8 +258,6 @@ def sample(
     Draws depend on the seed and on which rows are still live, as in HF."""
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0 (use greedy_search)")
-    rules = dict(eos_id=eos_id, repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                 forced_tokens=tuple(forced_tokens), forced_eos_id=forced_eos_id, suppress_tokens=tuple(suppress_tokens))
 
     def pick(logits: Tensor) -> tuple[Tensor, Tensor]:
         if temperature != 1.0:
@@ -269,10 +269,13 @@ def sample(
         new = torch.multinomial(logits.softmax(-1), 1, generator=generator)  # (B, 1)
         return new.squeeze(1), logits.log_softmax(-1).gather(1, new).squeeze(1)
 
-    return _decode(step, cache, start_tokens, pick, rules, max_new_tokens=max_new_tokens,
-                   min_new_tokens=min_new_tokens, on_tokens=on_tokens)
+    return _decode(step, cache, start_tokens, pick, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                   on_tokens=on_tokens, eos_id=eos_id, repetition_penalty=repetition_penalty,
+                   no_repeat_ngram_size=no_repeat_ngram_size, suppress_tokens=suppress_tokens,
+                   forced_tokens=forced_tokens, forced_eos_id=forced_eos_id)
 
 
+@torch.inference_mode()  # no gradients; and a step run in inference mode gives logits changeable only in it
 def beam_search(
     step: Step,
     cache: Cache,
@@ -318,8 +321,8 @@ def beam_search(
         return []
     if int(max_new.min()) < 1:
         raise ValueError("max_new_tokens must be >= 1")
-    rules = _Rules(eos_id, repetition_penalty, no_repeat_ngram_size, tuple(forced_tokens), forced_eos_id,
-                   tuple(suppress_tokens), ban_eos_until=int(min_new.max()), force_eos_from=int(max_new.min()) - 1)
+    rules = _rules(eos_id, repetition_penalty, no_repeat_ngram_size, suppress_tokens, forced_tokens, forced_eos_id,
+                   min_new, max_new)
     L = int(max_new.max())
     # HF divides by a Python float, i.e. float64 rounded to float32 (no float64 on some devices)
     max_new_penalty = (max_new.cpu().double() ** length_penalty).float().to(device)  # (B,)
@@ -327,7 +330,7 @@ def beam_search(
     # Live beams: generated tokens (B, K, L), summed log-probs (B, K). Beams 1..K-1 start
     # impossible so that the first step expands beam 0 only (HF).
     prompt = start_tokens  # (B, P)
-    seqs = torch.full((B, K, L), PAD, dtype=torch.long, device=device)
+    seqs = torch.full((B, K, L), PAD_TOKEN, dtype=torch.long, device=device)
     live_scores = torch.full((B, K), NEG, device=device)
     live_scores[:, 0] = 0.0
     # Finished: best K so far, with penalised scores; placeholders score NEG and are not `fin_done`.
@@ -342,7 +345,7 @@ def beam_search(
     tokens = start_tokens
     for t in range(L):
         n = len(items)
-        logits = _own(step(tokens, cache)).contiguous()
+        logits = step(tokens, cache).float().contiguous()
         log_probs = torch.log_softmax(logits, -1, out=logits)  # (n * K, V); (n, V) at t = 0. In place: see _Rules
         if t == 0:
             log_probs = log_probs.repeat_interleave(K, dim=0)

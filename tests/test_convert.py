@@ -21,9 +21,11 @@ from typer.testing import CliRunner  # noqa: E402
 from llmcli import tasks  # noqa: E402
 from llmcli.checkpoint import LoadedModel, load_model  # noqa: E402
 from llmcli.cli import app  # noqa: E402
-from llmcli.convert import convert, convert_weights, generation_settings, read_generation_config, read_hf_config  # noqa: E402
+from llmcli.convert import convert, convert_weights  # noqa: E402
+from llmcli.convert.common import generation_settings, read_generation_config, read_hf_config  # noqa: E402
 from llmcli.errors import UserError  # noqa: E402
-from llmcli.model import PAD_TOKEN  # noqa: E402
+from llmcli import fast  # noqa: E402
+from llmcli.cache import PAD_TOKEN  # noqa: E402
 
 WORDS = ("the a cat dog bird sat ran on under over mat house tree river red blue green big small old new "
          "sees likes finds and or but not very quite here there today now").split()  # fmt: skip
@@ -222,10 +224,14 @@ def special_ids(model) -> set[int]:
 # ---------------------------------------------------------------- logits
 
 
+@pytest.mark.parametrize("kernels", ["plain", "fast"])
 @pytest.mark.parametrize("family", SEQ2SEQ + DECODER_ONLY)
-def test_logits_match_transformers_on_a_padded_batch(hf_models, family):
+def test_logits_match_transformers_on_a_padded_batch(hf_models, family, kernels, monkeypatch):
     d, hf, _ = hf_models(family)
     ours = convert_weights(d)
+    if kernels == "fast":  # llmcli.fast as the commands apply it, every linear layer packed however small
+        monkeypatch.setattr(fast, "ONEDNN_MIN_WEIGHT", 1)
+        fast.prepare(ours)
     V = ours.cfg.output_vocab_size
     rows = random_ids(4, V, 3, special_ids(hf), seed=5, lengths=(2, 10))
     width = max(map(len, rows))
@@ -283,9 +289,8 @@ MAX_NEW = 10
 
 def ours_generate(loaded: LoadedModel, rows: list[list[int]], search: dict) -> list[list[int]]:
     model, cfg = loaded.model, loaded.config
-    settings = tasks.DecodeSettings(beam_size=search["num_beams"], length_penalty=search.get("length_penalty", 1.0),
-                                    given=frozenset({"beam_size", "length_penalty"}))  # fmt: skip
-    settings = tasks.with_model_defaults(settings, loaded)  # BART's min length, n-gram ban, early stopping
+    settings = tasks.DecodeSettings(beam_size=search["num_beams"], length_penalty=search.get("length_penalty", 1.0))
+    settings = tasks.with_defaults(settings, loaded)  # BART's min length, n-gram ban, early stopping
     with torch.inference_mode():
         if cfg.is_encoder_decoder:
             width = max(map(len, rows))

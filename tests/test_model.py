@@ -4,9 +4,12 @@ import pickle
 import pytest
 import torch
 
+from llmcli import fast
+from llmcli.cache import PAD_TOKEN
+from llmcli.checkpoint import build_for_loading, skip_init
 from llmcli.config import ModelConfig
-import llmcli.model as model_module
-from llmcli.model import PAD_TOKEN, Linear, Transformer
+from llmcli.fast import PackedLinear
+from llmcli.model import Transformer
 
 BASE = dict(
     vocab_size=50, d_model=32, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, d_ff=64, max_positions=64, dropout=0.0
@@ -24,14 +27,25 @@ VARIANTS = {
 }
 
 
-def build(arch: str, **fields) -> Transformer:
+def build(arch: str, kernels: str = "plain", **fields) -> Transformer:
+    """A tiny model; with kernels="fast", prepared by llmcli.fast, every linear layer packed
+    (however small) and the feed-forward activation fused into it."""
     kw = dict(BASE, **fields)
     if arch == "decoder-only":
         kw.update(architecture="decoder-only", n_encoder_layers=0)
         kw.pop("tgt_vocab_size", None)
         kw["shared_embeddings"] = True
     torch.manual_seed(0)
-    return Transformer(ModelConfig(**kw)).eval()
+    model = Transformer(ModelConfig(**kw)).eval()
+    return fast.prepare(model) if kernels == "fast" else model
+
+
+KERNELS = ["plain", "fast"]
+
+
+@pytest.fixture(autouse=True)
+def _pack_every_weight(monkeypatch):
+    monkeypatch.setattr(fast, "ONEDNN_MIN_WEIGHT", 1)  # the packed path, small as the layers are
 
 
 def random_src(model, B=3, S=7):
@@ -44,8 +58,9 @@ def random_src(model, B=3, S=7):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("arch", ["encoder-decoder", "decoder-only"])
-def test_incremental_decoding_matches_full_forward(arch, variant):
-    model = build(arch, **VARIANTS[variant])
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_incremental_decoding_matches_full_forward(arch, variant, kernels):
+    model = build(arch, kernels, **VARIANTS[variant])
     V = model.cfg.output_vocab_size
     # 40 tokens: past the room the key/value buffers are first made with, twice
     tokens = torch.randint(4, V, (3, 40), generator=torch.Generator().manual_seed(2))
@@ -66,8 +81,9 @@ def test_incremental_decoding_matches_full_forward(arch, variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_left_padded_prompts_match_unpadded(variant):
-    model = build("decoder-only", **VARIANTS[variant])
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_left_padded_prompts_match_unpadded(variant, kernels):
+    model = build("decoder-only", kernels, **VARIANTS[variant])
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
     width = max(map(len, prompts))
     batch = torch.tensor([[PAD_TOKEN] * (width - len(p)) + p for p in prompts])
@@ -111,8 +127,9 @@ def test_causal_mask_future_tokens_never_change_earlier_logits(arch, variant):
     assert not torch.allclose(a[:, 5:], b[:, 5:])
 
 
-def test_cache_select_reorders_rows():
-    model = build("encoder-decoder")
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_cache_select_reorders_rows(kernels):
+    model = build("encoder-decoder", kernels)
     src, src_mask = random_src(model)
     tokens = torch.full((3, 1), model.cfg.start_id)
     with torch.inference_mode():
@@ -149,8 +166,9 @@ def test_tied_parameters_are_one_tensor():
     assert untied.lm_head.weight.shape == (40, 32) and untied.encoder.embed_tokens.weight.shape == (50, 32)
 
 
-def test_beams_read_their_sentence_memory_without_copying_it():
-    model = build("encoder-decoder")
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_beams_read_their_sentence_memory_without_copying_it(kernels):
+    model = build("encoder-decoder", kernels)
     src, src_mask = random_src(model)
     K = 4
     with torch.inference_mode():
@@ -184,8 +202,7 @@ def test_beams_read_their_sentence_memory_without_copying_it():
 
 def test_inference_linear_matches_linear_and_follows_weight_changes(monkeypatch):
     torch.manual_seed(0)
-    monkeypatch.setattr(model_module, "ONEDNN_MIN_WEIGHT", 1)  # the packed path, small as the layer is
-    layer = Linear(24, 40)
+    layer = PackedLinear(24, 40)
     x = torch.randn(5, 3, 24)
     with torch.inference_mode():
         torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=0)
@@ -197,11 +214,11 @@ def test_inference_linear_matches_linear_and_follows_weight_changes(monkeypatch)
     y.sum().backward()
     assert layer.weight.grad is not None and layer.weight.grad.shape == (40, 24)
     # Short of memory: no packed copy, the same numbers through F.linear.
-    monkeypatch.setattr(model_module, "_memory_allows", lambda nbytes: False)
-    small = Linear(24, 8)
+    monkeypatch.setattr(fast, "_memory_allows", lambda nbytes: False)
+    small = PackedLinear(24, 8)
     with torch.inference_mode():
         torch.testing.assert_close(small(x), torch.nn.functional.linear(x, small.weight, small.bias), atol=1e-5, rtol=0)
-    if model_module._onednn_enabled:
+    if fast._onednn_enabled:
         assert small.__dict__["_packed"][2] is None
     copy.deepcopy(layer)  # a packed copy is not state: copies and pickles leave it behind
     pickle.loads(pickle.dumps(layer))
@@ -213,7 +230,7 @@ def test_a_model_built_for_loading_computes_what_the_original_does(arch, variant
     from llmcli.checkpoint import load_state_into, model_tensors
 
     original = build(arch, **VARIANTS[variant])
-    loaded = Transformer.for_loading(original.cfg)  # no random init: every weight comes from the checkpoint
+    loaded = build_for_loading(original.cfg)  # no random init: every weight comes from the checkpoint
     load_state_into(loaded, {k: v.clone() for k, v in model_tensors(original).items()}, "test")
     loaded.eval()
     assert (loaded.lm_head.weight is loaded.decoder.embed_tokens.weight) == original.cfg.tied_output
@@ -232,7 +249,7 @@ def test_building_for_loading_leaves_other_threads_models_initialised():
     inside, release = threading.Event(), threading.Event()
 
     def loader():
-        with model_module._for_loading():  # what Transformer.for_loading holds while it builds
+        with skip_init():  # what build_for_loading holds while it builds
             inside.set()
             release.wait(10)
 
