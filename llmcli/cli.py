@@ -82,13 +82,13 @@ def train(
     tokenizer: str = typer.Option(None, help="Use this tokenizer.json (or a model directory's) instead of training one."),
     tokenizer_kind: str = typer.Option("bpe", help="bpe | unigram, for a newly trained tokenizer."),
     vocab_size: int = typer.Option(8000, help="Vocabulary size of a newly trained tokenizer."),
-    separate_vocab: bool = typer.Option(False, help="Separate source and target vocabularies (default: one shared)."),
+    shared_vocab: bool = typer.Option(True, "--shared-vocab/--separate-vocab", "--no-separate-vocab/", help="One vocabulary for source and target, or separate ones."),
     preset: str = typer.Option("small", help="Model size: tiny | small | base."),
-    set_: list[str] = typer.Option(None, "--set", help="Override a config field, e.g. --set d_model=384 (repeatable)."),
+    config_overrides: list[str] = typer.Option(None, "--set", help="Override a config field, e.g. --set d_model=384 (repeatable)."),
     batch_tokens: int = typer.Option(4096, help="Tokens per batch (padded) on each process, batches grouped by length."),
     accumulate: int = typer.Option(None, help="Batches per optimizer step on each process (gradient accumulation); global batch = batch-tokens x accumulate x processes. Default 1; on --resume, what keeps the run's global batch.", show_default=False),
     lr: float = typer.Option(7e-4, help="Peak learning rate."),
-    warmup: int = typer.Option(400, help="Linear warmup steps."),
+    warmup_steps: int = typer.Option(400, "--warmup", help="Linear warmup steps."),
     schedule: str = typer.Option("inverse_sqrt", help="inverse_sqrt | cosine | constant, after warmup."),
     label_smoothing: float = typer.Option(0.1, help="Label smoothing of the training loss."),
     clip_norm: float = typer.Option(1.0, help="Gradient clipping norm (0: off)."),
@@ -111,6 +111,10 @@ def train(
     Example: llmcli train --task translate --src train.en --tgt train.de --valid-src val.en --valid-tgt val.de --out en-de
     (add --nproc 4 for 4 GPUs; or start it under torchrun, as in the README)
     """
+    # The parameters are TrainOptions fields of the same names (TrainOptions checks them),
+    # but for the command's own nproc, resume and quiet.
+    fields = dict(locals())
+    del fields["nproc"], fields["resume"], fields["quiet"]
     from llmcli import distributed
 
     if nproc is not None and nproc < 1:
@@ -127,27 +131,11 @@ def train(
     from llmcli.progress import TrainReporter
     from llmcli.train import TrainOptions, train as run_training
 
-    if resume is None and out is None:
-        raise UserError("--out DIR is required (or --resume DIR to continue a run)")
-    if task not in ("translate", "summarize", "qa", "generate"):
-        raise UserError(f"--task {task!r} is not one of translate, summarize, qa, generate")
-    if tokenizer_kind not in ("bpe", "unigram"):
-        raise UserError(f"--tokenizer-kind {tokenizer_kind!r} is not bpe or unigram")
-    if schedule not in ("inverse_sqrt", "cosine", "constant"):
-        raise UserError(f"--schedule {schedule!r} is not inverse_sqrt, cosine or constant")
-    options = TrainOptions(
-        task=task, out=resume or out, src=src, tgt=tgt, text=text or None, data=data,
-        valid_src=valid_src, valid_tgt=valid_tgt, valid_text=valid_text or None, valid_data=valid_data,
-        tokenizer=tokenizer, tokenizer_kind=tokenizer_kind, vocab_size=vocab_size, shared_vocab=not separate_vocab,
-        preset=preset, config_overrides=_parse_overrides(set_ or []), block_size=block_size,
-        batch_tokens=batch_tokens, accumulate=accumulate, lr=lr, warmup_steps=warmup, schedule=schedule,
-        weight_decay=weight_decay, label_smoothing=label_smoothing, clip_norm=clip_norm, max_steps=max_steps,
-        max_minutes=max_minutes, valid_every=valid_every, patience=patience, seed=seed, device=device,
-        precision=precision, keep_checkpoints=keep_checkpoints,
-    )  # fmt: skip
     reporter = TrainReporter(quiet=quiet)
     try:
-        result = run_training(options, reporter, resume=resume is not None)
+        # --resume DIR is the run's --out.
+        fields.update(out=resume or out, config_overrides=_parse_overrides(config_overrides or []))
+        result = run_training(TrainOptions(**fields), reporter, resume=resume is not None)
     except UserError as e:
         if not world.distributed:
             raise
@@ -171,43 +159,19 @@ def train(
     reporter.log(f"model saved in {result.out}")
 
 
-MODEL = typer.Option(..., "--model", "-m", help="Model directory (config.json, model.safetensors, tokenizer.json).")
+MODEL = typer.Option(..., "--model", "-m", help="Model: an llmcli directory, a Hugging Face directory or model id.")
 DEVICE = typer.Option("auto", help="auto | cpu | cuda | cuda:N.")
-ON_LONG = typer.Option("truncate", help="Inputs longer than the model's positions: truncate | error | skip (with a warning).")
-CHUNK_LINES = typer.Option(2000, help="Lines read, sorted by length and batched together (1 on a terminal).")
+ON_LONG = typer.Option(None, help="Inputs longer than the model's positions: truncate (default) | error | skip, with a warning.")
+CHUNK_LINES = typer.Option(None, help="Lines read, sorted by length and batched together (default 2000; 1 on a terminal).")
 FORMAT = typer.Option("text", "--format", help="text | jsonl | tsv (index<TAB>score<TAB>text, one row per hypothesis).")
-
-
-def _settings(**fields):
-    from llmcli.tasks import DecodeSettings
-
-    on_long = fields.get("on_long", "truncate")
-    if on_long not in ("truncate", "error", "skip"):
-        raise UserError(f"--on-long {on_long!r} is not truncate, error or skip")
-    if fields.get("beam_size", 1) < 1 or fields.get("n_best", 1) < 1:
-        raise UserError("--beam and --n-best must be at least 1")
-    if fields.get("n_best", 1) > max(fields.get("beam_size", 1), 1) and not fields.get("sample"):
-        raise UserError(f"--n-best {fields['n_best']} needs --beam of at least {fields['n_best']}")
-    return DecodeSettings(**{k: v for k, v in fields.items() if v is not None}, given=_given_options())
-
-
-_OPTION_FIELDS = {"beam": "beam_size", "no_repeat_ngram": "no_repeat_ngram_size", "greedy": "sample"}
-
-
-def _given_options() -> frozenset:
-    """The DecodeSettings fields set on the command line; a model's generation.json fills the others."""
-    import importlib
-
-    for name in ("typer._click.globals", "click.globals"):  # typer >= 0.2x vendors click
-        try:
-            ctx = importlib.import_module(name).get_current_context(silent=True)
-        except ImportError:
-            continue
-        if ctx is not None:
-            sources = {n: ctx.get_parameter_source(n) for n in ctx.params}
-            return frozenset(_OPTION_FIELDS.get(n, n) for n, source in sources.items()
-                             if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"))  # fmt: skip
-    return frozenset()
+OUTPUT = typer.Option(None, "--output", "-o", help="Write here (atomically) instead of stdout.")
+# Decoding options default to None, "not given": the model's own defaults (its generation.json)
+# come first, then the task's (llmcli.tasks.TASK_DEFAULTS), which their help states.
+BEAM = typer.Option(None, "--beam", "-b", help="Beam size (default: the model's, else 4; 1: greedy).")
+N_BEST = typer.Option(None, help="Hypotheses per input (with --format jsonl or tsv; default 1).")
+TEMPERATURE = typer.Option(None, help="Sampling temperature (default 0.8).")
+TOP_K = typer.Option(None, help="Sample among the k most likely tokens (default 50; 0: all).")
+TOP_P = typer.Option(None, help="Nucleus sampling mass (default 0.95).")
 
 
 def _input_lines(files: list[str] | None):
@@ -244,21 +208,16 @@ def _write_outputs(outputs, fmt: str, output: str | None, quiet: bool, label: st
                 bar.update(index + 1, tokens, time.monotonic() - started)
 
 
-def _seq2seq_command(task, files, model, device, quiet, fmt, output, progress_label, records=None, **settings):
-    from llmcli.tasks import open_model, seq2seq
-    from llmcli.train import resolve_device
-
-    import sys
+def _seq2seq_command(task, files, model, device, quiet, fmt, output, **settings):
+    from llmcli.device import resolve_device
+    from llmcli.tasks import DecodeSettings, open_model, seq2seq
 
     _set_quiet(quiet)
-    if settings.get("chunk_lines", 1) < 1:
-        raise UserError("--chunk-lines must be at least 1")
-    if records is None and not files and sys.stdin.isatty():
+    if not files and sys.stdin.isatty():
         settings["chunk_lines"] = 1  # someone is typing: answer each line as it comes
-    decode = _settings(**settings)
+    decode = DecodeSettings(**settings)
     loaded = open_model(model, task, device=resolve_device(device))
-    sources = records if records is not None else _input_lines(files)
-    _write_outputs(seq2seq(loaded, sources, decode), fmt, output, quiet, progress_label)
+    _write_outputs(seq2seq(loaded, _input_lines(files), decode, task), fmt, output, quiet, task)
 
 
 @app.command()
@@ -266,15 +225,15 @@ def _seq2seq_command(task, files, model, device, quiet, fmt, output, progress_la
 def translate(
     files: list[str] = typer.Argument(None, help="Input files, one sentence per line ('-' or none: stdin)."),
     model: str = MODEL,
-    beam: int = typer.Option(4, "--beam", "-b", help="Beam size (1: greedy)."),
-    n_best: int = typer.Option(1, help="Hypotheses per input (with --format jsonl or tsv)."),
-    length_penalty: float = typer.Option(1.0, help="Beam score = log-prob / length**alpha."),
+    beam: int = BEAM,
+    n_best: int = N_BEST,
+    length_penalty: float = typer.Option(None, help="Beam score = log-prob / length**alpha (default 1)."),
     max_len: int = typer.Option(None, help="Most output tokens (default: 2 x source + 10)."),
-    no_repeat_ngram: int = typer.Option(0, help="Never repeat an n-gram of this size (0: off)."),
-    batch_tokens: int = typer.Option(4096, help="Source tokens x beam per batch."),
+    no_repeat_ngram: int = typer.Option(None, help="Never repeat an n-gram of this size (default 0: off)."),
+    batch_tokens: int = typer.Option(None, help="Source tokens x beam per batch (default 4096)."),
     chunk_lines: int = CHUNK_LINES,
     fmt: str = FORMAT,
-    output: str = typer.Option(None, "--output", "-o", help="Write here (atomically) instead of stdout."),
+    output: str = OUTPUT,
     on_long: str = ON_LONG,
     device: str = DEVICE,
     quiet: bool = QUIET,
@@ -283,7 +242,7 @@ def translate(
 
     Example: llmcli translate -m en-de news.en > news.de
     """
-    _seq2seq_command("translate", files, model, device, quiet, fmt, output, "translate", beam_size=beam, n_best=n_best,
+    _seq2seq_command("translate", files, model, device, quiet, fmt, output, beam_size=beam, n_best=n_best,
                      length_penalty=length_penalty, max_len=max_len, no_repeat_ngram_size=no_repeat_ngram,
                      batch_tokens=batch_tokens, chunk_lines=chunk_lines, on_long=on_long)  # fmt: skip
 
@@ -293,16 +252,16 @@ def translate(
 def summarize(
     files: list[str] = typer.Argument(None, help="Input files, one document per line ('-' or none: stdin)."),
     model: str = MODEL,
-    beam: int = typer.Option(4, "--beam", "-b", help="Beam size (1: greedy)."),
-    n_best: int = typer.Option(1, help="Hypotheses per input (with --format jsonl or tsv)."),
-    length_penalty: float = typer.Option(1.0, help="Beam score = log-prob / length**alpha (higher: longer)."),
-    max_len: int = typer.Option(128, help="Most summary tokens."),
-    min_len: int = typer.Option(0, help="Fewest summary tokens."),
-    no_repeat_ngram: int = typer.Option(3, help="Never repeat an n-gram of this size (0: off)."),
-    batch_tokens: int = typer.Option(8192, help="Source tokens x beam per batch."),
+    beam: int = BEAM,
+    n_best: int = N_BEST,
+    length_penalty: float = typer.Option(None, help="Beam score = log-prob / length**alpha (default 1; higher: longer)."),
+    max_len: int = typer.Option(None, help="Most summary tokens (default 128)."),
+    min_len: int = typer.Option(None, help="Fewest summary tokens (default 0)."),
+    no_repeat_ngram: int = typer.Option(None, help="Never repeat an n-gram of this size (default 3; 0: off)."),
+    batch_tokens: int = typer.Option(None, help="Source tokens x beam per batch (default 8192)."),
     chunk_lines: int = CHUNK_LINES,
     fmt: str = FORMAT,
-    output: str = typer.Option(None, "--output", "-o", help="Write here (atomically) instead of stdout."),
+    output: str = OUTPUT,
     on_long: str = ON_LONG,
     device: str = DEVICE,
     quiet: bool = QUIET,
@@ -311,7 +270,7 @@ def summarize(
 
     Example: llmcli summarize -m sum-model articles.txt > summaries.txt
     """
-    _seq2seq_command("summarize", files, model, device, quiet, fmt, output, "summarize", beam_size=beam, n_best=n_best,
+    _seq2seq_command("summarize", files, model, device, quiet, fmt, output, beam_size=beam, n_best=n_best,
                      length_penalty=length_penalty, max_len=max_len, min_len=min_len,
                      no_repeat_ngram_size=no_repeat_ngram, batch_tokens=batch_tokens, chunk_lines=chunk_lines,
                      on_long=on_long)  # fmt: skip
@@ -324,10 +283,10 @@ def qa(
     model: str = MODEL,
     question: str = typer.Option(None, help="One question (with --context-file) instead of a JSONL input."),
     context_file: str = typer.Option(None, help="The context for --question."),
-    beam: int = typer.Option(4, "--beam", "-b", help="Beam size (1: greedy)."),
-    max_len: int = typer.Option(64, help="Most answer tokens."),
+    beam: int = BEAM,
+    max_len: int = typer.Option(None, help="Most answer tokens (default 64)."),
     fmt: str = typer.Option("text", "--format", help="text | jsonl (answer and score)."),
-    output: str = typer.Option(None, "--output", "-o", help="Write here (atomically) instead of stdout."),
+    output: str = OUTPUT,
     on_long: str = ON_LONG,
     device: str = DEVICE,
     quiet: bool = QUIET,
@@ -336,10 +295,10 @@ def qa(
 
     Example: echo '{"question": "Who wrote it?", "context": "It was written by Ada."}' | llmcli qa -m qa-model
     """
+    from llmcli.device import resolve_device
     from llmcli.io import read_text
-    from llmcli.qa_data import QARecord, qa_source, read_qa_records
-    from llmcli.tasks import extractive_qa, open_model, seq2seq
-    from llmcli.train import resolve_device
+    from llmcli.qa_data import QARecord, read_qa_records
+    from llmcli.tasks import DecodeSettings, answer_questions, open_model
 
     _set_quiet(quiet)
     if question is not None:
@@ -348,13 +307,9 @@ def qa(
         records = [QARecord(question, read_text(context_file).strip())]
     else:
         records = read_qa_records(file)
-    decode = _settings(beam_size=beam, max_len=max_len, on_long=on_long)
+    decode = DecodeSettings(beam_size=beam, max_len=max_len, on_long=on_long)
     loaded = open_model(model, "qa", device=resolve_device(device))
-    if loaded.config.architecture == "encoder-only":  # extractive (BERT): a span of the context
-        outputs = extractive_qa(loaded, records, max_answer_len=max_len, on_long=decode.on_long)
-    else:
-        outputs = seq2seq(loaded, (qa_source(r.question, r.context) for r in records), decode)
-    _write_outputs(outputs, fmt, output, quiet, "qa")
+    _write_outputs(answer_questions(loaded, records, decode), fmt, output, quiet, "qa")
 
 
 @app.command()
@@ -364,15 +319,15 @@ def generate(
     model: str = MODEL,
     input: str = typer.Option(None, "--input", "-i", help="One prompt per line from this file ('-': stdin)."),
     max_new_tokens: int = typer.Option(100, help="Most new tokens per prompt."),
-    greedy: bool = typer.Option(False, help="Pick the most likely token (default: sample)."),
-    temperature: float = typer.Option(0.8, help="Sampling temperature."),
-    top_k: int = typer.Option(50, help="Sample among the k most likely tokens (0: all)."),
-    top_p: float = typer.Option(0.95, help="Nucleus sampling mass."),
-    repetition_penalty: float = typer.Option(1.0, help="CTRL repetition penalty (1: off)."),
+    greedy: bool = typer.Option(None, "--greedy", help="Pick the most likely token (default: sample)."),
+    temperature: float = TEMPERATURE,
+    top_k: int = TOP_K,
+    top_p: float = TOP_P,
+    repetition_penalty: float = typer.Option(None, help="CTRL repetition penalty (default 1: off)."),
     seed: int = typer.Option(None, help="Random seed: same seed, same text."),
     echo: bool = typer.Option(False, help="Print the prompt before its continuation."),
     fmt: str = typer.Option("text", "--format", help="text (newlines become spaces with --input) | jsonl."),
-    output: str = typer.Option(None, "--output", "-o", help="Write here (atomically) instead of stdout."),
+    output: str = OUTPUT,
     on_long: str = ON_LONG,
     device: str = DEVICE,
     quiet: bool = QUIET,
@@ -381,19 +336,15 @@ def generate(
 
     Example: llmcli generate -m shakespeare "ROMEO:" --max-new-tokens 60 --seed 1
     """
-    import sys
-
+    from llmcli.device import resolve_device
+    from llmcli.tasks import DecodeSettings, open_model
     from llmcli.tasks import generate as run_generate
-    from llmcli.tasks import open_model
-    from llmcli.train import resolve_device
 
     _set_quiet(quiet)
     if (prompt is None) == (input is None):
         raise UserError("give either a PROMPT or --input FILE")
-    if max_new_tokens < 1:
-        raise UserError("--max-new-tokens must be at least 1")
-    settings = _settings(sample=not greedy, temperature=temperature, top_k=top_k or None, top_p=top_p,
-                         repetition_penalty=repetition_penalty, seed=seed, on_long=on_long)  # fmt: skip
+    settings = DecodeSettings(sample=None if greedy is None else not greedy, temperature=temperature, top_k=top_k,
+                              top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, on_long=on_long)  # fmt: skip
     loaded = open_model(model, "generate", device=resolve_device(device))
     if prompt is not None:
         stream = output is None and fmt == "text" and sys.stdout.isatty()
@@ -434,9 +385,9 @@ def generate(
 def chat(
     model: str = MODEL,
     max_new_tokens: int = typer.Option(100, help="Most tokens per reply."),
-    temperature: float = typer.Option(0.8, help="Sampling temperature."),
-    top_k: int = typer.Option(50, help="Sample among the k most likely tokens (0: all)."),
-    top_p: float = typer.Option(0.95, help="Nucleus sampling mass."),
+    temperature: float = TEMPERATURE,
+    top_k: int = TOP_K,
+    top_p: float = TOP_P,
     seed: int = typer.Option(None, help="Random seed."),
     device: str = DEVICE,
     quiet: bool = QUIET,
@@ -445,13 +396,11 @@ def chat(
 
     Example: llmcli chat -m shakespeare
     """
-    import sys
-
-    from llmcli.tasks import ChatSession, open_model
-    from llmcli.train import resolve_device
+    from llmcli.device import resolve_device
+    from llmcli.tasks import ChatSession, DecodeSettings, open_model
 
     _set_quiet(quiet)
-    settings = _settings(sample=True, temperature=temperature, top_k=top_k or None, top_p=top_p, seed=seed)
+    settings = DecodeSettings(sample=True, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     session = ChatSession(open_model(model, "chat", device=resolve_device(device)), settings, max_new_tokens)
     interactive = sys.stdin.isatty()
     if interactive and not quiet:
@@ -491,10 +440,9 @@ def info(model: str = MODEL, json_: bool = typer.Option(False, "--json", help="O
     """
     import json
 
-    from llmcli.checkpoint import load_model
-    from llmcli.tasks import describe
+    from llmcli.tasks import describe, open_model
 
-    facts = describe(load_model(model))
+    facts = describe(open_model(model))
     if json_:
         print(json.dumps(facts, ensure_ascii=False))
         return

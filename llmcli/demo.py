@@ -7,7 +7,6 @@ The model is kept under the user's cache directory and reused unless --retrain.
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -15,19 +14,12 @@ from pathlib import Path
 
 from llmcli import demo_data
 from llmcli.checkpoint import is_model_dir
-from llmcli.io import atomic_write
+from llmcli.io import atomic_write, cache_root
 
 DEMO_NAME = "demo-en-zh-numbers"
 
 # Sized to reach >= 90% exact match on unseen numbers in under 3 minutes on 2 CPU cores.
 DEMO_CONFIG = dict(d_model=128, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, d_ff=256, dropout=0.0, max_positions=64)
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("LLMCLI_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "llmcli"
-    )
-    return Path(root)
 
 
 @dataclass
@@ -60,7 +52,7 @@ def run_demo(retrain: bool = False, max_minutes: float = 3.0, reporter=None, see
     from llmcli.tasks import DecodeSettings, open_model, seq2seq
     from llmcli.train import TrainOptions, train
 
-    root = cache_dir() / DEMO_NAME
+    root = cache_root() / DEMO_NAME
     model_dir, data_dir = root / "model", root / "data"
     write_corpus(data_dir)
     trained, seconds, steps = False, 0.0, 0

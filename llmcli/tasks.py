@@ -15,12 +15,13 @@ from typing import Callable, Iterable, Iterator, Literal
 
 import torch
 
-from llmcli import decoding
+from llmcli import decoding, fast, hub
 from llmcli.checkpoint import LoadedModel, load_model
 from llmcli.errors import UserError
 from llmcli.io import warn
+from llmcli.qa_data import qa_source
 from llmcli.data import IGNORE_INDEX, pad_rows
-from llmcli.model import PAD_TOKEN
+from llmcli.cache import PAD_TOKEN
 
 OnLong = Literal["truncate", "error", "skip"]
 TASKS_BY_ARCHITECTURE = {
@@ -30,27 +31,89 @@ TASKS_BY_ARCHITECTURE = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class DecodeSettings:
-    beam_size: int = 1
-    n_best: int = 1
-    length_penalty: float = 1.0
-    max_len: int | None = None  # most new tokens; default relative to the source
-    max_len_a: float = 2.0  # default max new tokens = a * source tokens + b (seq2seq)
-    max_len_b: int = 10
-    min_len: int = 0
-    no_repeat_ngram_size: int = 0
-    repetition_penalty: float = 1.0
-    sample: bool = False
-    temperature: float = 1.0
-    top_k: int | None = None
+    """How to decode. None means not given: the model's own defaults (generation.json "decode")
+    fill it, then the task's (TASK_DEFAULTS), then BASE_DEFAULTS; see `with_defaults`. Every
+    value given is checked here, so library callers get the CLI's checks."""
+
+    beam_size: int | None = None
+    n_best: int | None = None
+    length_penalty: float | None = None
+    max_len: int | None = None  # most new tokens; None after defaults: a * source tokens + b (seq2seq)
+    max_len_a: float | None = None
+    max_len_b: int | None = None
+    min_len: int | None = None
+    no_repeat_ngram_size: int | None = None
+    repetition_penalty: float | None = None
+    sample: bool | None = None
+    temperature: float | None = None
+    top_k: int | None = None  # 0: all tokens
     top_p: float | None = None
     seed: int | None = None
-    batch_tokens: int = 4096
-    chunk_lines: int = 2000
-    on_long: OnLong = "truncate"
-    early_stopping: bool | str = False  # beam search: True, False or "never", as HF's generate
-    given: frozenset = frozenset()  # fields the user set; generation.json's "decode" defaults fill the others
+    batch_tokens: int | None = None
+    chunk_lines: int | None = None
+    on_long: OnLong | None = None
+    early_stopping: bool | str | None = None  # beam search: True, False or "never", as HF's generate
+
+    def __post_init__(self) -> None:
+        for name in ("beam_size", "n_best", "batch_tokens", "chunk_lines", "max_len"):
+            _check(self, name, lambda v: v >= 1, "must be at least 1")
+        for name in ("min_len", "no_repeat_ngram_size", "top_k", "max_len_b"):
+            _check(self, name, lambda v: v >= 0, "must be at least 0")
+        for name in ("temperature", "repetition_penalty"):
+            _check(self, name, lambda v: v > 0, "must be above 0")
+        _check(self, "top_p", lambda v: 0 < v <= 1, "must be in (0, 1]")
+        _check(self, "on_long", lambda v: v in ("truncate", "error", "skip"), "is not truncate, error or skip")
+        _check(self, "early_stopping", lambda v: v in (True, False, "never"), "is not true, false or never")
+        if self.n_best is not None and self.n_best > (self.beam_size or 1) and not self.sample:
+            raise UserError(f"{_flag('n_best')} {self.n_best} needs {_flag('beam_size')} of at least {self.n_best}")
+
+    @property
+    def given(self) -> frozenset[str]:
+        return frozenset(f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None)
+
+    def filled(self, defaults: dict) -> DecodeSettings:
+        """These settings, with `defaults` for the ones not given."""
+        missing = {k: v for k, v in defaults.items() if getattr(self, k) is None}
+        return dataclasses.replace(self, **missing) if missing else self
+
+
+# The option each field is given by on the command line, where its name differs.
+_FLAGS = {"beam_size": "--beam", "no_repeat_ngram_size": "--no-repeat-ngram", "sample": "--greedy"}
+
+
+def _flag(name: str) -> str:
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def _check(settings: DecodeSettings, name: str, ok: Callable[[object], bool], problem: str) -> None:
+    value = getattr(settings, name)
+    if value is not None and not ok(value):
+        raise UserError(f"{_flag(name)} {value!r} {problem}")
+
+
+BASE_DEFAULTS = dict(beam_size=1, n_best=1, length_penalty=1.0, max_len_a=2.0, max_len_b=10, min_len=0,
+                     no_repeat_ngram_size=0, repetition_penalty=1.0, sample=False, temperature=1.0, top_k=0,
+                     batch_tokens=4096, chunk_lines=2000, on_long="truncate", early_stopping=False)  # fmt: skip
+_SAMPLING = dict(sample=True, temperature=0.8, top_k=50, top_p=0.95)
+TASK_DEFAULTS = {
+    "translate": dict(beam_size=4),
+    "summarize": dict(beam_size=4, max_len=128, no_repeat_ngram_size=3, batch_tokens=8192),
+    "qa": dict(beam_size=4, max_len=64),
+    "generate": _SAMPLING,
+    "chat": _SAMPLING,
+}
+
+
+def with_defaults(settings: DecodeSettings, loaded: LoadedModel, task: str | None = None) -> DecodeSettings:
+    """Fill what the user did not give: the model's own decoding defaults (generation.json
+    "decode": beam, length penalty, max length...), then the task's, then the base ones."""
+    task_defaults = TASK_DEFAULTS[task] if task else {}
+    model = {k: v for k, v in loaded.generation.get("decode", {}).items() if k in DecodeSettings.__dataclass_fields__}
+    if settings.filled(task_defaults).sample:
+        model.pop("beam_size", None)  # sampling draws one sequence
+    return settings.filled(model).filled(task_defaults).filled(BASE_DEFAULTS)
 
 
 @dataclass(frozen=True)
@@ -69,13 +132,18 @@ class Output:
 EMPTY = Output([""], [0.0])
 
 
-def open_model(path: str, task: str, device: str = "cpu") -> LoadedModel:
-    loaded = load_model(path, device=device)
+def open_model(path: str, task: str | None = None, device: str = "cpu") -> LoadedModel:
+    """What `-m` names (llmcli or Hugging Face directory, model id), loaded; for `task`, checked
+    to run it and prepared for inference (llmcli.fast)."""
+    loaded = load_model(hub.resolve(path), device=device)
+    if task is None:
+        return loaded
     allowed = TASKS_BY_ARCHITECTURE[loaded.config.architecture]
     if task not in allowed:
         raise UserError(
             f"{path} is {'an' if loaded.config.architecture[0] in 'aeiou' else 'a'} {loaded.config.architecture} model; it runs {', '.join(allowed)}, not {task}"
         )
+    fast.prepare(loaded.model)
     return loaded
 
 
@@ -118,21 +186,41 @@ def _decode_batch(loaded: LoadedModel, step, cache, start: torch.Tensor, max_new
     cfg, gen = loaded.config, loaded.generation
     # A converted model's forced first and last tokens (BART's <s>, Marian's </s>), as HF's generate forces them
     forced = [gen["forced_bos_id"]] if gen.get("forced_bos_id") is not None else []
-    common = dict(eos_id=cfg.eos_id, max_new_tokens=max_new, min_new_tokens=settings.min_len,
-                  repetition_penalty=settings.repetition_penalty, no_repeat_ngram_size=settings.no_repeat_ngram_size,
-                  suppress_tokens=suppress, forced_tokens=forced, forced_eos_id=gen.get("forced_eos_id"))  # fmt: skip
+    rules = dict(eos_id=cfg.eos_id, max_new_tokens=max_new, min_new_tokens=settings.min_len,
+                 repetition_penalty=settings.repetition_penalty, no_repeat_ngram_size=settings.no_repeat_ngram_size,
+                 suppress_tokens=suppress, forced_tokens=forced, forced_eos_id=gen.get("forced_eos_id"))  # fmt: skip
     if settings.sample:
         generator = None
         if settings.seed is not None:
             generator = torch.Generator(device=start.device).manual_seed(settings.seed)
-        hyps = decoding.sample(step, cache, start, temperature=settings.temperature, top_k=settings.top_k,
-                               top_p=settings.top_p, generator=generator, on_tokens=on_tokens, **common)  # fmt: skip
+        hyps = decoding.sample(step, cache, start, temperature=settings.temperature, top_k=settings.top_k or None,
+                               top_p=settings.top_p, generator=generator, on_tokens=on_tokens, **rules)  # fmt: skip
         return [[h] for h in hyps]
     if settings.beam_size <= 1:
-        return [[h] for h in decoding.greedy_search(step, cache, start, on_tokens=on_tokens, **common)]
+        return [[h] for h in decoding.greedy_search(step, cache, start, on_tokens=on_tokens, **rules)]
     return decoding.beam_search(step, cache, start, beam_size=settings.beam_size, n_best=settings.n_best,
                                 length_penalty=settings.length_penalty, early_stopping=settings.early_stopping,
-                                **common)  # fmt: skip
+                                **rules)  # fmt: skip
+
+
+def _in_batches(lines: Iterable, settings: DecodeSettings, encode: Callable[[list, int], dict[int, list[int]]],
+                decode: Callable[[list[int], list[list[int]], int], list[Output]], extra_tokens: int = 0) -> Iterator[Output]:
+    """The skeleton every generating task shares: read `lines` in chunks; `encode(chunk,
+    first_line)` gives the token ids of the rows to run (the others stay empty); rows are sorted
+    by length into token-count batches, `decode(rows, ids, first_line)` gives their Outputs,
+    and the chunk's results come out in input order."""
+    first_line = 1
+    for chunk in _chunks(lines, settings.chunk_lines):
+        results: list[Output] = [EMPTY] * len(chunk)
+        ids_by_row = encode(chunk, first_line)
+        rows = list(ids_by_row)
+        lengths = [len(ids_by_row[r]) + extra_tokens for r in rows]
+        for batch in _token_batches(lengths, settings.batch_tokens, max(settings.beam_size, 1)):
+            batch_rows = [rows[b] for b in batch]
+            for r, output in zip(batch_rows, decode(batch_rows, [ids_by_row[r] for r in batch_rows], first_line)):
+                results[r] = output
+        first_line += len(chunk)
+        yield from results
 
 
 def _suppressed(loaded: LoadedModel) -> tuple[int, ...]:
@@ -147,61 +235,47 @@ def _suppressed(loaded: LoadedModel) -> tuple[int, ...]:
     return tuple(sorted(banned))
 
 
-def with_model_defaults(settings: DecodeSettings, loaded: LoadedModel) -> DecodeSettings:
-    """The model's own decoding defaults (generation.json "decode": beam, length penalty, max
-    length...) for every setting the user did not give."""
-    defaults = {k: v for k, v in loaded.generation.get("decode", {}).items()
-                if k not in settings.given and k in DecodeSettings.__dataclass_fields__}  # fmt: skip
-    if settings.sample:
-        defaults.pop("beam_size", None)
-    return dataclasses.replace(settings, **defaults) if defaults else settings
-
-
 # ---------------------------------------------------------------- sequence to sequence
 
 
 @torch.inference_mode()
-def seq2seq(loaded: LoadedModel, sources: Iterable[str], settings: DecodeSettings) -> Iterator[Output]:
+def seq2seq(loaded: LoadedModel, sources: Iterable[str], settings: DecodeSettings, task: str = "translate") -> Iterator[Output]:
     """Translate / summarize / answer: one Output per source text, in order."""
     model, cfg = loaded.model, loaded.config
-    src_tok, tgt_tok = loaded.source_tokenizer, loaded.tokenizer
-    settings = with_model_defaults(settings, loaded)
+    settings = with_defaults(settings, loaded, task)
     # What the model's tokenizer puts around a source (BART: <s> ... </s>); ours: ... </s>
     prefix = loaded.generation.get("source_prefix", [])
     suffix = loaded.generation.get("source_suffix", [cfg.eos_id])
     limit = cfg.max_positions - len(prefix) - len(suffix)
     suppress = _suppressed(loaded)
-    line_offset = 0
-    for chunk in _chunks(sources, settings.chunk_lines):
-        results: list[Output] = [EMPTY] * len(chunk)
+
+    def encode(chunk: list[str], first_line: int) -> dict[int, list[int]]:
         live = [i for i, text in enumerate(chunk) if text.strip()]
-        encoded = src_tok.encode_batch([chunk[i] for i in live])
-        ids_by_row: dict[int, list[int]] = {}
-        for i, ids in zip(live, encoded):
-            fitted = _fit(ids, limit, line_offset + i + 1, settings.on_long)
+        ids_by_row = {}
+        for i, ids in zip(live, loaded.source_tokenizer.encode_batch([chunk[i] for i in live])):
+            fitted = _fit(ids, limit, first_line + i, settings.on_long)
             if fitted is not None:
                 ids_by_row[i] = prefix + fitted + suffix
-        rows = list(ids_by_row)
-        width = max(settings.beam_size, 1)
-        for batch in _token_batches([len(ids_by_row[r]) for r in rows], settings.batch_tokens, width):
-            batch_rows = [rows[b] for b in batch]
-            src_ids = [ids_by_row[r] for r in batch_rows]
-            src = pad_rows(src_ids, cfg.pad_id).to(model.device)
-            src_mask = pad_rows([[1] * len(x) for x in src_ids], 0).bool().to(model.device)
-            memory = model.encode(src, src_mask)
-            cache = model.new_cache(len(src_ids), memory, src_mask)
-            start = torch.full((len(src_ids), 1), cfg.start_id, dtype=torch.long, device=model.device)
-            if settings.max_len is not None:
-                max_new = [settings.max_len] * len(src_ids)
-            else:
-                max_new = [int(settings.max_len_a * (len(x) - len(prefix) - len(suffix)) + settings.max_len_b) for x in src_ids]
-            max_new = [max(1, min(m, cfg.max_positions - 1)) for m in max_new]
-            hyps = _decode_batch(loaded, model.step, cache, start, max_new, settings, suppress)
-            for r, row_hyps in zip(batch_rows, hyps):
-                texts = tgt_tok.decode_batch([h.tokens for h in row_hyps])
-                results[r] = Output(texts, [h.score for h in row_hyps], len(row_hyps[0].tokens))
-        line_offset += len(chunk)
-        yield from results
+        return ids_by_row
+
+    def decode(rows: list[int], src_ids: list[list[int]], first_line: int) -> list[Output]:
+        src = pad_rows(src_ids, cfg.pad_id).to(model.device)
+        src_mask = pad_rows([[1] * len(x) for x in src_ids], 0).bool().to(model.device)
+        cache = model.new_cache(len(src_ids), model.encode(src, src_mask), src_mask)
+        start = torch.full((len(src_ids), 1), cfg.start_id, dtype=torch.long, device=model.device)
+        if settings.max_len is not None:
+            max_new = [settings.max_len] * len(src_ids)
+        else:
+            max_new = [int(settings.max_len_a * (len(x) - len(prefix) - len(suffix)) + settings.max_len_b) for x in src_ids]
+        max_new = [max(1, min(m, cfg.max_positions - 1)) for m in max_new]
+        hyps = _decode_batch(loaded, model.step, cache, start, max_new, settings, suppress)
+        return [_output(loaded.tokenizer, row_hyps) for row_hyps in hyps]
+
+    yield from _in_batches(sources, settings, encode, decode)
+
+
+def _output(tok, hyps: list[decoding.Hypothesis]) -> Output:
+    return Output(tok.decode_batch([h.tokens for h in hyps]), [h.score for h in hyps], len(hyps[0].tokens))
 
 
 # ---------------------------------------------------------------- extractive QA (encoder-only)
@@ -284,60 +358,64 @@ def extractive_qa(loaded: LoadedModel, records: Iterable, max_answer_len: int = 
         yield from answers
 
 
+def answer_questions(loaded: LoadedModel, records: Iterable, settings: DecodeSettings) -> Iterator[Output | Answer]:
+    """An answer per record: a span of its context from an encoder-only model (BERT), or
+    generated by an encoder-decoder one from "question: ... context: ..."."""
+    if loaded.config.architecture == "encoder-only":
+        settings = with_defaults(settings, loaded, "qa")
+        return extractive_qa(loaded, records, max_answer_len=settings.max_len, on_long=settings.on_long)
+    return seq2seq(loaded, (qa_source(r.question, r.context) for r in records), settings, "qa")
+
+
 # ---------------------------------------------------------------- decoder-only
 
 
 @torch.inference_mode()
 def generate(loaded: LoadedModel, prompts: Iterable[str], settings: DecodeSettings, max_new_tokens: int = 100,
-             on_text: Callable[[int, str], None] | None = None) -> Iterator[Output]:
+             on_text: Callable[[int, str], None] | None = None, task: str = "generate") -> Iterator[Output]:
     """Continue each prompt; an empty prompt starts from the beginning of a text.
 
     `on_text(row, text_so_far)` streams a single prompt's continuation as it is produced.
     """
     model, cfg, tok = loaded.model, loaded.config, loaded.tokenizer
-    settings = with_model_defaults(settings, loaded)
+    if max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be at least 1")
+    settings = with_defaults(settings, loaded, task)
     # What the model's tokenizer puts around a prompt (Llama: <s>, GPT-2: nothing); ours: bos
     prefix = loaded.generation.get("prompt_prefix", [cfg.bos_id])
     suffix = loaded.generation.get("prompt_suffix", [])
+    room = cfg.max_positions - max_new_tokens - len(prefix) - len(suffix)
+    if room < 0:
+        raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room in the model's {cfg.max_positions} positions")
     suppress = _suppressed(loaded)
-    line_offset = 0
-    for chunk in _chunks(prompts, settings.chunk_lines):
-        encoded = tok.encode_batch(chunk)
-        results: list[Output] = [EMPTY] * len(chunk)
-        ids_by_row: dict[int, list[int]] = {}
-        for i, ids in enumerate(encoded):
-            room = cfg.max_positions - max_new_tokens - len(prefix) - len(suffix)
-            if room < 0:
-                raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room in the model's {cfg.max_positions} positions")
+
+    def encode(chunk: list[str], first_line: int) -> dict[int, list[int]]:
+        ids_by_row = {}
+        for i, ids in enumerate(tok.encode_batch(chunk)):
             if cfg.positions in ("learned", "sinusoidal") and len(ids) > room:
-                fitted = _fit(ids, room, line_offset + i + 1, settings.on_long)
+                fitted = _fit(ids, room, first_line + i, settings.on_long)
                 if fitted is None:
                     continue
                 ids = fitted[-room:] if room else []  # keep the end of the prompt: it is what is continued
             ids_by_row[i] = (prefix + ids + suffix) or [cfg.bos_id]  # an empty prompt starts a text
-        rows = list(ids_by_row)
-        width = max(settings.beam_size, 1)
-        lengths = [len(ids_by_row[r]) + max_new_tokens for r in rows]
-        for batch in _token_batches(lengths, settings.batch_tokens, width):
-            batch_rows = [rows[b] for b in batch]
-            prompts_ids = [ids_by_row[r] for r in batch_rows]
-            start = pad_rows(prompts_ids, PAD_TOKEN, left=True).to(model.device)
-            cache = model.new_cache(len(prompts_ids))
-            on_tokens = None
-            if on_text is not None and len(batch_rows) == 1:
-                produced: list[int] = []
+        return ids_by_row
 
-                def on_tokens(row_indices, tokens, produced=produced, row=batch_rows[0]):
-                    if tokens[0] != cfg.eos_id:
-                        produced.append(tokens[0])
-                        on_text(line_offset + row, tok.decode(produced))
+    def decode(rows: list[int], prompts_ids: list[list[int]], first_line: int) -> list[Output]:
+        start = pad_rows(prompts_ids, PAD_TOKEN, left=True).to(model.device)
+        on_tokens = None
+        if on_text is not None and len(rows) == 1:
+            produced: list[int] = []
 
-            hyps = _decode_batch(loaded, model.step, cache, start, max_new_tokens, settings, suppress, on_tokens)
-            for r, row_hyps in zip(batch_rows, hyps):
-                results[r] = Output(tok.decode_batch([h.tokens for h in row_hyps]), [h.score for h in row_hyps],
-                                    len(row_hyps[0].tokens))
-        line_offset += len(chunk)
-        yield from results
+            def on_tokens(row_indices, tokens):
+                if tokens[0] != cfg.eos_id:
+                    produced.append(tokens[0])
+                    on_text(first_line - 1 + rows[0], tok.decode(produced))
+
+        hyps = _decode_batch(loaded, model.step, model.new_cache(len(prompts_ids)), start, max_new_tokens, settings,
+                             suppress, on_tokens)  # fmt: skip
+        return [_output(tok, row_hyps) for row_hyps in hyps]
+
+    yield from _in_batches(prompts, settings, encode, decode, extra_tokens=max_new_tokens)
 
 
 def perplexity(model_dir: str, lines: list[str], batch_tokens: int = 8192) -> dict:
@@ -345,7 +423,6 @@ def perplexity(model_dir: str, lines: list[str], batch_tokens: int = 8192) -> di
 
     Lines longer than the model's positions are scored in consecutive windows.
     """
-    # Loaded outside inference mode: weights made in it have no version counter (see model.Linear).
     return _perplexity(open_model(model_dir, "generate"), lines, batch_tokens)
 
 
@@ -422,7 +499,7 @@ class ChatSession:
                 on_text(line[len(shown[0]):])
                 shown[0] = line
 
-        result = next(generate(self.loaded, [prompt], self.settings, self.max_new_tokens, on_text=stream))
+        result = next(generate(self.loaded, [prompt], self.settings, self.max_new_tokens, on_text=stream, task="chat"))
         answer = result.text.split("\n", 1)[0]
         if on_text is not None and len(answer) > len(shown[0]):
             on_text(answer[len(shown[0]):])

@@ -27,7 +27,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, Protocol
+from typing import Callable, Literal, Protocol, get_args
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,7 @@ from llmcli.data import (
     seq2seq_example,
     target_tokens,
 )
+from llmcli.device import check_precision, process_device
 from llmcli.distributed import World, all_reduce_sum, broadcast_from_main, join, leave, world_from_env
 from llmcli.errors import UserError
 from llmcli.io import atomic_write, read_lines, warn
@@ -54,6 +55,8 @@ from llmcli.qa_data import qa_source, read_qa_records
 from llmcli.tokenizer import Tokenizer, train_tokenizer
 
 Task = Literal["translate", "summarize", "qa", "generate"]
+TokenizerKind = Literal["bpe", "unigram"]
+Schedule = Literal["inverse_sqrt", "cosine", "constant"]
 Precision = Literal["fp32", "bf16", "fp16"]
 STATE_DIR = "train_state"
 CHECKPOINTS_DIR = "checkpoints"  # step-NNNNNNN/ model directories kept for `llmcli average`
@@ -72,7 +75,7 @@ class TrainOptions:
     valid_text: list[str] | None = None
     valid_data: str | None = None
     tokenizer: str | None = None  # an existing tokenizer.json, or a model directory holding one
-    tokenizer_kind: Literal["bpe", "unigram"] = "bpe"
+    tokenizer_kind: TokenizerKind = "bpe"
     vocab_size: int = 8000
     shared_vocab: bool = True
     preset: str = "small"
@@ -84,7 +87,7 @@ class TrainOptions:
     accumulate: int | None = None
     lr: float = 7e-4
     warmup_steps: int = 400
-    schedule: Literal["inverse_sqrt", "cosine", "constant"] = "inverse_sqrt"
+    schedule: Schedule = "inverse_sqrt"
     weight_decay: float = 0.01
     label_smoothing: float = 0.1
     clip_norm: float = 1.0
@@ -101,6 +104,31 @@ class TrainOptions:
     # What may change when resuming; everything else is taken from the run being resumed
     # (accumulate has its own rule, see `accumulate` above).
     RESUMABLE = ("max_steps", "max_minutes", "valid_every", "save_every", "patience", "device", "precision", "keep_checkpoints")
+
+    def __post_init__(self) -> None:
+        """Refuse bad options in one line naming the option, for the CLI and library callers alike.
+        What only this machine can tell (the device, what it can compute) is checked in train()."""
+        if not self.out:
+            raise UserError("--out DIR is required (or --resume DIR to continue a run)")
+        _check_choice("--task", self.task, Task)
+        _check_choice("--tokenizer-kind", self.tokenizer_kind, TokenizerKind)
+        _check_choice("--schedule", self.schedule, Schedule)
+        _check_choice("--precision", self.precision, Precision)
+        if self.preset not in PRESETS:
+            raise UserError(f"unknown --preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if self.batch_tokens < 16:
+            raise UserError("--batch-tokens must be at least 16")
+        for flag, value in (("--accumulate", self.accumulate), ("--max-steps", self.max_steps), ("--valid-every", self.valid_every)):
+            if value is not None and value < 1:
+                raise UserError(f"{flag} must be at least 1")
+        if self.keep_checkpoints < 0:
+            raise UserError("--keep-checkpoints must be 0 (none) or more")
+
+
+def _check_choice(flag: str, value: str, choices) -> None:
+    names = get_args(choices)
+    if value not in names:
+        raise UserError(f"{flag} {value!r} is not {', '.join(names[:-1])} or {names[-1]}")
 
 
 @dataclass
@@ -171,41 +199,6 @@ def learning_rate(step: int, opts: TrainOptions) -> float:
     return opts.lr
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name} asked for, but CUDA is not available on this machine")
-    return device
-
-
-def process_device(name: str, world: World) -> torch.device:
-    """The device of this process: under torchrun, the GPU of its LOCAL_RANK."""
-    device = resolve_device(name)
-    if not world.distributed or device.type != "cuda":
-        return device
-    if device.index is not None:
-        raise UserError(f"--device {name}: under torchrun each process takes the GPU of its LOCAL_RANK; use --device cuda or auto")
-    if world.local_rank >= torch.cuda.device_count():
-        raise UserError(f"process {world.rank} has LOCAL_RANK {world.local_rank} but this node has {torch.cuda.device_count()} GPUs; lower --nproc-per-node")
-    return torch.device("cuda", world.local_rank)
-
-
-def check_precision(precision: str, device: torch.device) -> None:
-    """Refuse, in one line, what this device cannot do."""
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise UserError(f"--precision {precision!r} is not fp32, bf16 or fp16")
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else "this GPU"
-        raise UserError(f"--precision bf16 needs a GPU with bfloat16 (Ampere or newer); {name} has none: use fp16")
-    if precision != "fp32" and device.type not in ("cuda", "cpu"):
-        raise UserError(f"--precision {precision} is for cuda and cpu; use fp32 on {device.type}")
-
-
 def _autocast(precision: str, device: torch.device):
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -268,13 +261,12 @@ def read_corpus(opts: TrainOptions, split: Literal["training", "validation"]) ->
     return corpus
 
 
-def _train_or_load_tokenizers(opts: TrainOptions, corpus: Corpus, out: Path) -> tuple[Tokenizer, Tokenizer]:
+def _train_or_load_tokenizers(opts: TrainOptions, corpus: Corpus) -> tuple[Tokenizer, Tokenizer]:
+    """(source, target): the same object when the vocabulary is shared."""
     if opts.tokenizer:
         path = Path(opts.tokenizer)
         if path.is_dir():
-            tgt = Tokenizer.load(path / checkpoint.TOKENIZER_FILE)
-            src_file = path / checkpoint.SOURCE_TOKENIZER_FILE
-            return (Tokenizer.load(src_file) if src_file.exists() else tgt), tgt
+            return checkpoint.load_tokenizers(path)
         tok = Tokenizer.load(path)
         return tok, tok
     kw = dict(vocab_size=opts.vocab_size, kind=opts.tokenizer_kind)
@@ -311,8 +303,6 @@ def make_config(opts: TrainOptions, src_tok: Tokenizer, tgt_tok: Tokenizer) -> M
     if not decoder_only and src_tok is not tgt_tok:
         fields.update(tgt_vocab_size=tgt_tok.vocab_size, shared_embeddings=False)
     fields.update(opts.config_overrides or {})
-    if opts.preset not in PRESETS:
-        raise UserError(f"unknown --preset {opts.preset!r}; choose one of {', '.join(PRESETS)}")
     return preset(opts.preset, **fields)
 
 
@@ -414,7 +404,7 @@ def _keep_checkpoint(out: Path, step: int, keep: int, model: Transformer, tgt_to
         shutil.rmtree(old, ignore_errors=True)
 
 
-# ---------------------------------------------------------------- the loop
+# ---------------------------------------------------------------- loss, validation, processes
 
 
 def _loss(model: torch.nn.Module, batch: Batch, label_smoothing: float) -> tuple[torch.Tensor, int]:
@@ -484,41 +474,30 @@ def _data_parallel(model: Transformer, device: torch.device) -> torch.nn.paralle
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync)
 
 
+# ---------------------------------------------------------------- a run: setup, resume, steps, saves
+
+
 def train(opts: TrainOptions, reporter: Reporter | None = None, resume: bool = False) -> TrainResult:
     """Train on this process, or on every process of a torchrun job (each calls this)."""
     world = world_from_env()
     reporter = reporter if reporter is not None and world.is_main else SilentReporter()
     out = Path(opts.out)
-    progress = Progress()
     saved = None
     if resume:
         saved = load_train_state(out)
-        stored = dict(saved["options"])
-        for key in TrainOptions.RESUMABLE:
-            stored[key] = getattr(opts, key)
-        stored["out"] = str(out)
-        requested_accumulate = opts.accumulate
-        opts = TrainOptions(**stored)
-        opts.accumulate = _resumed_accumulate(saved, requested_accumulate, world, out, reporter.log)
-        progress = Progress(**saved["progress"])
-        if progress.step >= opts.max_steps:
-            raise UserError(f"{out} already trained {progress.step} steps; raise --max-steps to continue")
+        opts = _resumed_options(opts, saved, world, reporter.log)
+    elif (out / STATE_DIR).exists():
+        raise UserError(f"{out} already holds a training run; use --resume {out} to continue it, or another --out")
     else:
-        if out.exists() and (out / STATE_DIR).exists():
-            raise UserError(f"{out} already holds a training run; use --resume {out} to continue it, or another --out")
         opts = dataclasses.replace(opts, accumulate=1 if opts.accumulate is None else opts.accumulate)
-    if opts.batch_tokens < 16 or opts.accumulate < 1 or opts.max_steps < 1:
-        raise UserError("--batch-tokens must be at least 16, --accumulate and --max-steps at least 1")
-    if opts.keep_checkpoints < 0:
-        raise UserError("--keep-checkpoints must be 0 (none) or more")
-
     device = process_device(opts.device, world)
     check_precision(opts.precision, device)
     corpus = read_corpus(opts, "training")
     valid_corpus = read_corpus(opts, "validation")
     join(world, device)
     try:
-        result = _train(opts, reporter, saved, progress, world, device, corpus, valid_corpus)
+        run = _setup(opts, saved, world, device, corpus, valid_corpus, reporter)
+        result = _loop(run, reporter)
     except RuntimeError as e:  # torch.distributed's errors are RuntimeErrors
         if world.distributed and distributed.lost_peer(e):
             raise distributed.PeerLost(f"process {world.rank} of {world.size} stopped: another process failed or stopped answering") from e
@@ -527,65 +506,92 @@ def train(opts: TrainOptions, reporter: Reporter | None = None, resume: bool = F
     return result
 
 
-def _train(
+def _resumed_options(opts: TrainOptions, saved: dict, world: World, log: Callable[[str], None]) -> TrainOptions:
+    """The options of the run being resumed, but for those that may change (RESUMABLE) and accumulate."""
+    out = Path(opts.out)
+    stored = dict(saved["options"], out=str(out))
+    for key in TrainOptions.RESUMABLE:
+        stored[key] = getattr(opts, key)
+    resumed = TrainOptions(**stored)
+    resumed.accumulate = _resumed_accumulate(saved, opts.accumulate, world, out, log)
+    done = saved["progress"]["step"]
+    if done >= resumed.max_steps:
+        raise UserError(f"{out} already trained {done} steps; raise --max-steps to continue")
+    return resumed
+
+
+@dataclass
+class Run:
+    """What a training run works with: built by _setup, advanced by _loop."""
+
+    opts: TrainOptions
+    world: World
+    device: torch.device
+    src_tok: Tokenizer
+    tgt_tok: Tokenizer  # the same object as src_tok when the vocabulary is shared
+    model: Transformer
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None  # fp16 only
+    examples: list[Example]
+    valid_examples: list[Example]
+    stream: BatchStream
+    n_targets: list[int]  # target tokens of each example
+    progress: Progress
+    ddp: torch.nn.parallel.DistributedDataParallel | None = None  # under torchrun
+
+    @property
+    def out(self) -> Path:
+        return Path(self.opts.out)
+
+    @property
+    def generation(self) -> dict:
+        return {"task": self.opts.task}
+
+    @property
+    def forward(self) -> torch.nn.Module:
+        return self.ddp if self.ddp is not None else self.model
+
+
+def _setup(
     opts: TrainOptions,
-    reporter: Reporter,
     saved: dict | None,
-    progress: Progress,
     world: World,
     device: torch.device,
     corpus: Corpus,
     valid_corpus: Corpus | None,
-) -> TrainResult:
-    out = Path(opts.out)
-    if saved is not None:
-        tgt_tok = Tokenizer.load(out / checkpoint.TOKENIZER_FILE)
-        src_file = out / checkpoint.SOURCE_TOKENIZER_FILE
-        src_tok = Tokenizer.load(src_file) if src_file.exists() else tgt_tok
-        cfg = ModelConfig.load(out / checkpoint.CONFIG_FILE)
-    else:
-        src_tok = tgt_tok = None
-        if world.is_main:
-            reporter.log("training the tokenizer" if not opts.tokenizer else f"using tokenizer {opts.tokenizer}")
-            src_tok, tgt_tok = _train_or_load_tokenizers(opts, corpus, out)
-        src_tok, tgt_tok = _share_tokenizers(src_tok, tgt_tok, world)
-        cfg = make_config(opts, src_tok, tgt_tok)
+    reporter: Reporter,
+) -> Run:
+    """Tokenizers, examples, model and optimizer: new, or as train_state/ holds them when resuming."""
+    src_tok, tgt_tok, cfg = _tokenizers_and_config(opts, saved, corpus, world, reporter)
     examples = build_examples(corpus, src_tok, tgt_tok, cfg, opts)
     if not examples:
         raise UserError("the training set is empty after tokenization")
     valid_examples = build_examples(valid_corpus, src_tok, tgt_tok, cfg, opts) if valid_corpus else []
-    stream = BatchStream([example_length(ex) for ex in examples], opts.batch_tokens, opts.seed)
-    n_targets = [target_tokens(ex) for ex in examples]
-
     torch.manual_seed(opts.seed)
     model = Transformer(cfg).to(device)
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": opts.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=opts.lr,
-        betas=(0.9, 0.98),
-        eps=1e-9,
-        foreach=True,  # one kernel per step for all tensors; the per-tensor loop dominates small models on CPU
+    run = Run(
+        opts=opts,
+        world=world,
+        device=device,
+        src_tok=src_tok,
+        tgt_tok=tgt_tok,
+        model=model,
+        optimizer=_adamw(model, opts),
+        scaler=torch.amp.GradScaler(device.type) if opts.precision == "fp16" else None,
+        examples=examples,
+        valid_examples=valid_examples,
+        stream=BatchStream([example_length(ex) for ex in examples], opts.batch_tokens, opts.seed),
+        n_targets=[target_tokens(ex) for ex in examples],
+        progress=Progress(**saved["progress"]) if saved is not None else Progress(),
     )
-    scaler = torch.amp.GradScaler(device.type) if opts.precision == "fp16" else None
-    generation = {"task": opts.task}
     if saved is not None:
-        state_paths = _state_paths(out)
-        checkpoint.load_state_into(model, checkpoint.load_weights(state_paths["model"]), str(state_paths["model"]))
-        opt_file = checkpoint.load_weights(state_paths["optimizer"])
-        # Runs saved before dropout was seeded per batch also stored RNG states: not needed.
-        _restore_optimizer(opt, {k: v for k, v in opt_file.items() if not k.startswith("rng.")}, saved["optimizer"])
-        if scaler is not None and "grad_scaler" in saved:
-            scaler.load_state_dict(saved["grad_scaler"])
+        _restore(run, saved)
     elif world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        checkpoint.save_model(out, model, tgt_tok, src_tok, generation)
-    ddp = _data_parallel(model, device) if world.distributed else None
-    forward = ddp if ddp is not None else model
-
-    per_step = opts.accumulate * world.size
+        run.out.mkdir(parents=True, exist_ok=True)
+        checkpoint.save_model(run.out, model, tgt_tok, src_tok, run.generation)
+    if world.distributed:
+        run.ddp = _data_parallel(model, device)
     reporter.log(
         f"{cfg.architecture} model, {model.num_parameters() / 1e6:.2f}M parameters, vocabulary {cfg.vocab_size}, "
         f"{len(examples)} training examples, device {device.type}"
@@ -594,92 +600,79 @@ def _train(
     )
     if world.distributed:
         reporter.log(f"global batch: {world.size} processes x --accumulate {opts.accumulate} x --batch-tokens {opts.batch_tokens}")
+    return run
+
+
+def _tokenizers_and_config(
+    opts: TrainOptions, saved: dict | None, corpus: Corpus, world: World, reporter: Reporter
+) -> tuple[Tokenizer, Tokenizer, ModelConfig]:
+    """The run's own when resuming; else rank 0 trains (or loads) them and shares them with the rest."""
+    out = Path(opts.out)
+    if saved is not None:
+        src_tok, tgt_tok = checkpoint.load_tokenizers(out)
+        return src_tok, tgt_tok, ModelConfig.load(out / checkpoint.CONFIG_FILE)
+    src_tok = tgt_tok = None
+    if world.is_main:
+        reporter.log("training the tokenizer" if not opts.tokenizer else f"using tokenizer {opts.tokenizer}")
+        src_tok, tgt_tok = _train_or_load_tokenizers(opts, corpus)
+    src_tok, tgt_tok = _share_tokenizers(src_tok, tgt_tok, world)
+    return src_tok, tgt_tok, make_config(opts, src_tok, tgt_tok)
+
+
+def _adamw(model: Transformer, opts: TrainOptions) -> torch.optim.AdamW:
+    """AdamW, without weight decay on biases and norm gains (the 1-d parameters)."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": opts.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=opts.lr,
+        betas=(0.9, 0.98),
+        eps=1e-9,
+        foreach=True,  # one kernel per step for all tensors; the per-tensor loop dominates small models on CPU
+    )
+
+
+def _restore(run: Run, saved: dict) -> None:
+    """The last weights, the optimizer's moments and the gradient scaler, from train_state/."""
+    paths = _state_paths(run.out)
+    checkpoint.load_state_into(run.model, checkpoint.load_weights(paths["model"]), str(paths["model"]))
+    opt_file = checkpoint.load_weights(paths["optimizer"])
+    # Runs saved before dropout was seeded per batch also stored RNG states: not needed.
+    _restore_optimizer(run.optimizer, {k: v for k, v in opt_file.items() if not k.startswith("rng.")}, saved["optimizer"])
+    if run.scaler is not None and "grad_scaler" in saved:
+        run.scaler.load_state_dict(saved["grad_scaler"])
+
+
+def _loop(run: Run, reporter: Reporter) -> TrainResult:
+    """Steps until --max-steps, --max-minutes or --patience ends the run; saves on the way and on Ctrl-C."""
+    opts, world, progress = run.opts, run.world, run.progress
     save_every = opts.save_every or opts.valid_every
-    start_time = time.monotonic()
-    window_tokens, window_start = 0, time.monotonic()
-    tokens_per_second = 0.0
-    tokens_this_run = 0
-    last_loss = None
-    valid_loss = progress.best_valid_loss
-    stopped_early = False
-
-    def save() -> None:
-        nonlocal valid_loss
-        improved = True
-        if valid_examples:
-            valid_loss = evaluate_loss(model, valid_examples, cfg.pad_id, opts.batch_tokens, device, world, opts.precision)
-            improved = progress.best_valid_loss is None or valid_loss < progress.best_valid_loss
-            if improved:
-                progress.best_valid_loss = valid_loss
-                progress.validations_without_improvement = 0
-            else:
-                progress.validations_without_improvement += 1
-            reporter.log(
-                f"step {progress.step}: validation loss {valid_loss:.4f}, perplexity {math.exp(min(valid_loss, 50)):.2f}"
-                + (" (best)" if improved else "")
-            )
-        if not world.is_main:
-            return
-        if opts.keep_checkpoints:
-            _keep_checkpoint(out, progress.step, opts.keep_checkpoints, model, tgt_tok, src_tok, generation)
-        if improved:
-            checkpoint.save_model(out, model, tgt_tok, src_tok, generation)
-        save_train_state(out, model, opt, opts, progress, world.size, scaler)
-
+    speed = _Speed()
+    last_loss, valid_loss, stopped_early = None, progress.best_valid_loss, False
     reporter.start(opts.max_steps, progress.step)
     try:
         while progress.step < opts.max_steps:
-            group, next_epoch, next_index = stream.take(progress.epoch, progress.batch_in_epoch, per_step)
-            n_tokens = sum(n_targets[i] for _, _, idx in group for i in idx)
-            mine = group[world.rank :: world.size]
+            group, next_epoch, next_index = run.stream.take(progress.epoch, progress.batch_in_epoch, opts.accumulate * world.size)
+            n_tokens = sum(run.n_targets[i] for _, _, idx in group for i in idx)
             lr = learning_rate(progress.step + 1, opts)
-            for param_group in opt.param_groups:
-                param_group["lr"] = lr
-            opt.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for k, (epoch, index, idx) in enumerate(mine):
-                batch = collate([examples[i] for i in idx], cfg.pad_id).to(device)
-                _seed_dropout(opts.seed, epoch, index)
-                # Gradients are summed over processes once per step, after the last batch.
-                sync = ddp is None or k == len(mine) - 1
-                with contextlib.nullcontext() if sync else ddp.no_sync():
-                    with _autocast(opts.precision, device):
-                        loss, _ = _loss(forward, batch, opts.label_smoothing)
-                    # DDP averages over processes; times world.size makes it the sum.
-                    scaled = loss / max(n_tokens, 1)
-                    if world.distributed:
-                        scaled = scaled * world.size
-                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                step_loss += loss.item()
-            if scaler is not None:
-                scaler.unscale_(opt)
-            if opts.clip_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), opts.clip_norm)
-            if scaler is not None:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
+            loss_sum = _optimizer_step(run, group[world.rank :: world.size], n_tokens, lr)
             progress.step += 1
             progress.epoch, progress.batch_in_epoch = next_epoch, next_index
             progress.tokens_seen += n_tokens
-            tokens_this_run += n_tokens
             now = time.monotonic()
-            elapsed = now - start_time
-            out_of_time = opts.max_minutes is not None and elapsed >= opts.max_minutes * 60
+            out_of_time = opts.max_minutes is not None and now - speed.start >= opts.max_minutes * 60
             if world.distributed:
                 # One small all-reduce a step: the loss of all processes, and whether any is out of time.
-                step_loss, any_out_of_time = all_reduce_sum([step_loss, float(out_of_time)], world, device)
+                loss_sum, any_out_of_time = all_reduce_sum([loss_sum, float(out_of_time)], world, run.device)
                 out_of_time = any_out_of_time > 0
-            last_loss = step_loss / max(n_tokens, 1)
-            window_tokens += n_tokens
-            if now - window_start >= 2.0:
-                tokens_per_second = window_tokens / (now - window_start)
-                window_tokens, window_start = 0, now
-            rate = tokens_per_second or tokens_this_run / max(elapsed, 1e-9)
-            reporter.step(StepReport(progress.step, opts.max_steps, last_loss, lr, rate, elapsed))
+            last_loss = loss_sum / max(n_tokens, 1)
+            rate = speed.add(n_tokens, now)
+            reporter.step(StepReport(progress.step, opts.max_steps, last_loss, lr, rate, now - speed.start))
             if progress.step % save_every == 0 or progress.step == opts.max_steps or out_of_time:
-                save()
+                improved = True
+                if run.valid_examples:
+                    valid_loss, improved = _validate(run, reporter)
+                _save(run, improved)
                 if opts.patience is not None and progress.validations_without_improvement >= opts.patience:
                     reporter.log(f"stopping early: no improvement in {opts.patience} validations")
                     stopped_early = True
@@ -689,28 +682,111 @@ def _train(
                 break
     except KeyboardInterrupt:
         reporter.stop()
-        if world.distributed:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # torchrun passes Ctrl-C on again: let the save finish
-        if world.is_main:
-            save_train_state(out, model, opt, opts, progress, world.size, scaler)
-            if not valid_examples:
-                checkpoint.save_model(out, model, tgt_tok, src_tok, generation)
-            warn(f"interrupted at step {progress.step}; resume with: llmcli train --resume {out}")
+        _save_interrupted(run)
         raise
     finally:
         reporter.stop()
-    elapsed = time.monotonic() - start_time
+    elapsed = time.monotonic() - speed.start
     return TrainResult(
-        out=out,
+        out=run.out,
         steps=progress.step,
         last_loss=last_loss,
         valid_loss=valid_loss,
         valid_perplexity=math.exp(min(valid_loss, 50)) if valid_loss is not None else None,
-        tokens_per_second=tokens_this_run / max(elapsed, 1e-9),
+        tokens_per_second=speed.tokens / max(elapsed, 1e-9),
         elapsed=elapsed,
-        parameters=model.num_parameters(),
+        parameters=run.model.num_parameters(),
         stopped_early=stopped_early,
     )
+
+
+def _optimizer_step(run: Run, batches: list[tuple[int, int, list[int]]], n_tokens: int, lr: float) -> float:
+    """One update from this process's batches of the step (n_tokens: the step's target tokens
+    on all processes); returns the summed loss of these batches."""
+    opts, world, scaler, optimizer = run.opts, run.world, run.scaler, run.optimizer
+    for param_group in optimizer.param_groups:
+        param_group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = 0.0
+    for k, (epoch, index, idx) in enumerate(batches):
+        batch = collate([run.examples[i] for i in idx], run.model.cfg.pad_id).to(run.device)
+        _seed_dropout(opts.seed, epoch, index)
+        # Gradients are summed over processes once per step, after the last batch.
+        sync = run.ddp is None or k == len(batches) - 1
+        with contextlib.nullcontext() if sync else run.ddp.no_sync():
+            with _autocast(opts.precision, run.device):
+                loss, _ = _loss(run.forward, batch, opts.label_smoothing)
+            # DDP averages over processes; times world.size makes it the sum.
+            scaled = loss / max(n_tokens, 1)
+            if world.distributed:
+                scaled = scaled * world.size
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        loss_sum += loss.item()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if opts.clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), opts.clip_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return loss_sum
+
+
+class _Speed:
+    """Target tokens per second: over the last 2 s or more, or since the start until then."""
+
+    def __init__(self) -> None:
+        self.start = self.window_start = time.monotonic()
+        self.tokens = self.window_tokens = 0
+        self.rate = 0.0
+
+    def add(self, n_tokens: int, now: float) -> float:
+        self.tokens += n_tokens
+        self.window_tokens += n_tokens
+        if now - self.window_start >= 2.0:
+            self.rate = self.window_tokens / (now - self.window_start)
+            self.window_tokens, self.window_start = 0, now
+        return self.rate or self.tokens / max(now - self.start, 1e-9)
+
+
+def _validate(run: Run, reporter: Reporter) -> tuple[float, bool]:
+    """The validation loss, and whether it is the best so far (progress keeps count)."""
+    progress = run.progress
+    loss = evaluate_loss(run.model, run.valid_examples, run.model.cfg.pad_id, run.opts.batch_tokens, run.device, run.world, run.opts.precision)
+    improved = progress.best_valid_loss is None or loss < progress.best_valid_loss
+    if improved:
+        progress.best_valid_loss = loss
+        progress.validations_without_improvement = 0
+    else:
+        progress.validations_without_improvement += 1
+    reporter.log(f"step {progress.step}: validation loss {loss:.4f}, perplexity {math.exp(min(loss, 50)):.2f}" + (" (best)" if improved else ""))
+    return loss, improved
+
+
+def _save(run: Run, improved: bool) -> None:
+    """On rank 0: the model when it improved (always without validation data), a kept
+    checkpoint if asked for, and the state to resume from."""
+    if not run.world.is_main:
+        return
+    if run.opts.keep_checkpoints:
+        _keep_checkpoint(run.out, run.progress.step, run.opts.keep_checkpoints, run.model, run.tgt_tok, run.src_tok, run.generation)
+    if improved:
+        checkpoint.save_model(run.out, run.model, run.tgt_tok, run.src_tok, run.generation)
+    save_train_state(run.out, run.model, run.optimizer, run.opts, run.progress, run.world.size, run.scaler)
+
+
+def _save_interrupted(run: Run) -> None:
+    """Ctrl-C: rank 0 saves the state to resume from (and the model, without validation data to choose it)."""
+    if run.world.distributed:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # torchrun passes Ctrl-C on again: let the save finish
+    if not run.world.is_main:
+        return
+    save_train_state(run.out, run.model, run.optimizer, run.opts, run.progress, run.world.size, run.scaler)
+    if not run.valid_examples:
+        checkpoint.save_model(run.out, run.model, run.tgt_tok, run.src_tok, run.generation)
+    warn(f"interrupted at step {run.progress.step}; resume with: llmcli train --resume {run.out}")
 
 
 def remove_train_state(out: str | Path) -> None:

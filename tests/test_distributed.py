@@ -24,11 +24,12 @@ from llmcli import checkpoint
 from llmcli.cli import app
 from llmcli.config import ModelConfig
 from llmcli.data import BatchStream, make_batches
+from llmcli.device import check_precision
 from llmcli.distributed import World, strip_nproc
 from llmcli.errors import UserError
 from llmcli.model import Transformer
 from llmcli.tokenizer import train_tokenizer
-from llmcli.train import _resumed_accumulate, check_precision
+from llmcli.train import _resumed_accumulate
 
 runner = CliRunner()
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}

@@ -1,15 +1,19 @@
+import dataclasses
 import json
+import re
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from conftest import TINY_CONFIG, run_cli, train_args
 from llmcli.cli import app
 from llmcli.data import make_batches
+from llmcli.errors import UserError
 from llmcli.train import TrainOptions, learning_rate
 
 runner = CliRunner()
@@ -144,3 +148,40 @@ def test_learning_rate_schedule():
     assert learning_rate(400, opts) == pytest.approx(5e-4)  # inverse square root
     cosine = TrainOptions(task="translate", out="x", lr=1e-3, warmup_steps=100, max_steps=1000, schedule="cosine")
     assert learning_rate(1000, cosine) == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("task", "classify", "--task 'classify' is not translate, summarize, qa or generate"),
+        ("schedule", "linear", "--schedule 'linear' is not inverse_sqrt, cosine or constant"),
+        ("precision", "fp8", "--precision 'fp8' is not fp32, bf16 or fp16"),
+        ("batch_tokens", 8, "--batch-tokens must be at least 16"),
+        ("keep_checkpoints", -1, "--keep-checkpoints must be 0 (none) or more"),
+        ("preset", "huge", "unknown --preset 'huge'"),
+    ],
+)
+def test_train_options_check_themselves_for_library_callers_and_the_cli(field, value, message, tmp_path):
+    with pytest.raises(UserError, match=re.escape(message)):
+        TrainOptions(**{"task": "translate", "out": "x", field: value})
+    # The last --task given wins.
+    result = invoke("train", "--task", "translate", "--out", str(tmp_path / "m"), "--" + field.replace("_", "-"), str(value))
+    assert result.exit_code == 2 and result.output.startswith(f"llmcli: error: {message}"), result.output
+
+
+def test_train_command_parameters_are_train_options_fields_with_their_defaults():
+    params = {p.name: p for p in typer.main.get_command(app).commands["train"].params}
+    fields = {f.name: f for f in dataclasses.fields(TrainOptions)}
+    options = set(params) - {"nproc", "resume", "quiet"}  # the command's own
+    assert options <= set(fields)
+    for name in options - {"task", "out"}:  # required (out: unless --resume)
+        assert params[name].default == fields[name].default, name
+
+
+def test_separate_vocabularies_train_and_resume(number_corpus, tmp_path):
+    out = tmp_path / "m"
+    assert invoke(*train_args(number_corpus, out, "--max-steps", "2", "--separate-vocab")).exit_code == 0
+    assert (out / "source_tokenizer.json").is_file()
+    resumed = invoke("train", "--task", "translate", "--resume", str(out), "--max-steps", "3", "--quiet")
+    assert resumed.exit_code == 0, resumed.output
+    assert (out / "source_tokenizer.json").is_file()
