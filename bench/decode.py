@@ -180,8 +180,12 @@ def main() -> None:
     p.add_argument("--new", type=int, default=32, help="tokens generated per row")
     p.add_argument("--beams", default="1,4", help="comma-separated beam sizes (1: greedy)")
     p.add_argument("--repeat", type=int, default=2, help="timed runs per measurement (the best counts)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="threads per system (default 1: on a shared machine more threads oversubscribe and time noise)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="threads per system (default 1: on a shared machine more threads oversubscribe and time noise)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     from llmcli import fast

@@ -10,7 +10,7 @@ import functools
 import os
 import signal
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import typer
 
@@ -82,11 +82,22 @@ def train(
     tokenizer: str = typer.Option(None, help="Use this tokenizer.json (or a model directory's) instead of training one."),
     tokenizer_kind: str = typer.Option("bpe", help="bpe | unigram, for a newly trained tokenizer."),
     vocab_size: int = typer.Option(8000, help="Vocabulary size of a newly trained tokenizer."),
-    shared_vocab: bool = typer.Option(True, "--shared-vocab/--separate-vocab", "--no-separate-vocab/", help="One vocabulary for source and target, or separate ones."),
+    shared_vocab: bool = typer.Option(
+        True,
+        "--shared-vocab/--separate-vocab",
+        "--no-separate-vocab/",
+        help="One vocabulary for source and target, or separate ones.",
+    ),
     preset: str = typer.Option("small", help="Model size: tiny | small | base."),
-    config_overrides: list[str] = typer.Option(None, "--set", help="Override a config field, e.g. --set d_model=384 (repeatable)."),
+    config_overrides: list[str] = typer.Option(
+        None, "--set", help="Override a config field, e.g. --set d_model=384 (repeatable)."
+    ),
     batch_tokens: int = typer.Option(4096, help="Tokens per batch (padded) on each process, batches grouped by length."),
-    accumulate: int = typer.Option(None, help="Batches per optimizer step on each process (gradient accumulation); global batch = batch-tokens x accumulate x processes. Default 1; on --resume, what keeps the run's global batch.", show_default=False),
+    accumulate: int = typer.Option(
+        None,
+        help="Batches per optimizer step on each process (gradient accumulation); global batch = batch-tokens x accumulate x processes. Default 1; on --resume, what keeps the run's global batch.",
+        show_default=False,
+    ),
     lr: float = typer.Option(7e-4, help="Peak learning rate."),
     warmup_steps: int = typer.Option(400, "--warmup", help="Linear warmup steps."),
     schedule: str = typer.Option("inverse_sqrt", help="inverse_sqrt | cosine | constant, after warmup."),
@@ -102,8 +113,12 @@ def train(
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (under torchrun: each process its LOCAL_RANK's GPU)."),
     precision: str = typer.Option("fp32", help="fp32 | bf16 | fp16 (autocast; fp16 with a gradient scaler)."),
     nproc: int = typer.Option(None, help="Train on N processes of this machine (GPUs, or CPU with gloo) through torchrun."),
-    keep_checkpoints: int = typer.Option(0, help="Keep the model of the last N saves under OUT/checkpoints/ (for llmcli average)."),
-    resume: str = typer.Option(None, help="Continue the run in this directory exactly where it stopped (on any number of processes)."),
+    keep_checkpoints: int = typer.Option(
+        0, help="Keep the model of the last N saves under OUT/checkpoints/ (for llmcli average)."
+    ),
+    resume: str = typer.Option(
+        None, help="Continue the run in this directory exactly where it stopped (on any number of processes)."
+    ),
     quiet: bool = QUIET,
 ) -> None:
     """Train a model (and its tokenizer) from your own text files.
@@ -129,7 +144,8 @@ def train(
     quiet = quiet or not world.is_main  # one process reports: rank 0
     _set_quiet(quiet)
     from llmcli.progress import TrainReporter
-    from llmcli.train import TrainOptions, train as run_training
+    from llmcli.train import TrainOptions
+    from llmcli.train import train as run_training
 
     reporter = TrainReporter(quiet=quiet)
     try:
@@ -351,7 +367,7 @@ def generate(
         shown = [0]
 
         def on_text(row, text):
-            sys.stdout.write(text[shown[0]:])
+            sys.stdout.write(text[shown[0] :])
             sys.stdout.flush()
             shown[0] = len(text)
 
@@ -361,7 +377,7 @@ def generate(
         results = run_generate(loaded, [prompt], settings, max_new_tokens, on_text=on_text if stream else None)
         result = next(iter(results))
         if stream:
-            sys.stdout.write(result.text[shown[0]:] + "\n")
+            sys.stdout.write(result.text[shown[0] :] + "\n")
             return
         if fmt == "text":
             from llmcli.io import output_lines
@@ -520,6 +536,7 @@ from llmcli.cli_eval import eval_command  # noqa: E402  (after handle_errors exi
 
 app.command("eval")(handle_errors(eval_command))
 from llmcli.cli_average import average_command  # noqa: E402
+
 app.command("average")(handle_errors(average_command))
 from llmcli.cli_convert import convert_command  # noqa: E402
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import List
-
 import typer
 
 
 def average_command(
-    checkpoints: List[str] = typer.Argument(..., metavar="CKPT", help="Model directories of one run, e.g. RUN/checkpoints/step-*.", show_default=False),
+    checkpoints: list[str] = typer.Argument(
+        ..., metavar="CKPT", help="Model directories of one run, e.g. RUN/checkpoints/step-*.", show_default=False
+    ),
     out: str = typer.Option(..., "--out", "-o", help="Model directory to write.", show_default=False),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No log line on stderr (errors still appear)."),
 ) -> None:

@@ -260,9 +260,7 @@ class _Spec:
 
 
 METRICS = {
-    "bleu": _Spec(
-        _needs_refs, _text_refs, _bleu, _bleu_table, ("--tokenize", "--lowercase", "--confidence", "--hyp", "--lang")
-    ),
+    "bleu": _Spec(_needs_refs, _text_refs, _bleu, _bleu_table, ("--tokenize", "--lowercase", "--confidence", "--hyp", "--lang")),
     "chrf": _Spec(_needs_refs, _text_refs, _chrf, _chrf_table, ("--lowercase", "--confidence", "--hyp")),
     "ter": _Spec(_needs_refs, _text_refs, _ter, _ter_table, ("--confidence", "--hyp", "--lang")),
     "rouge": _Spec(_needs_refs, _text_refs, _rouge, _rouge_table, ("--tokenize", "--stem", "--confidence")),
@@ -310,8 +308,7 @@ def eval_command(
         None,
         "--hyp",
         metavar="HYP",
-        help="Another system's output; the first system is the baseline of a paired significance test "
-        "(bleu, chrf, ter).",
+        help="Another system's output; the first system is the baseline of a paired significance test (bleu, chrf, ter).",
         show_default=False,
     ),
     paired: str = typer.Option(
@@ -330,9 +327,7 @@ def eval_command(
         "[default: unicode].",
         show_default=False,
     ),
-    lowercase: bool | None = typer.Option(
-        None, "--lowercase", help="Case-insensitive (bleu, chrf, exact; TER always is)."
-    ),
+    lowercase: bool | None = typer.Option(None, "--lowercase", help="Case-insensitive (bleu, chrf, exact; TER always is)."),
     lang: str = typer.Option(
         "auto",
         "--lang",

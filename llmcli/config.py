@@ -99,9 +99,14 @@ class ModelConfig:
             raise UserError(f"config: n_encoder_layers={self.n_encoder_layers} must be positive for an encoder-decoder")
         if (self.head == "span") != (self.architecture == "encoder-only"):
             raise UserError(f"config: head={self.head!r} does not fit a {self.architecture} model (span heads are encoder-only)")
-        if self.shared_embeddings and self.architecture == "encoder-decoder" and self.tgt_vocab_size not in (
-            None,
-            self.vocab_size,
+        if (
+            self.shared_embeddings
+            and self.architecture == "encoder-decoder"
+            and self.tgt_vocab_size
+            not in (
+                None,
+                self.vocab_size,
+            )
         ):
             raise UserError(
                 f"config: shared_embeddings needs one vocabulary, but vocab_size={self.vocab_size} "
@@ -137,14 +142,14 @@ class ModelConfig:
     def start_id(self) -> int:
         return self.bos_id if self.decoder_start_id is None else self.decoder_start_id
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "config") -> "ModelConfig":
+    def from_dict(cls, data: dict, source: str = "config") -> ModelConfig:
         if not isinstance(data, dict):
             raise UserError(f"{source}: expected a JSON object, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
@@ -160,7 +165,7 @@ class ModelConfig:
         return json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
 
     @classmethod
-    def from_json(cls, text: str, source: str = "config.json") -> "ModelConfig":
+    def from_json(cls, text: str, source: str = "config.json") -> ModelConfig:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
@@ -168,7 +173,7 @@ class ModelConfig:
         return cls.from_dict(data, source)
 
     @classmethod
-    def load(cls, path: str | Path) -> "ModelConfig":
+    def load(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         try:
             text = path.read_text(encoding="utf-8")

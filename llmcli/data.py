@@ -34,7 +34,7 @@ class Batch:
     def n_target_tokens(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(move(self.tokens), move(self.labels), move(self.src), move(self.src_mask))
 

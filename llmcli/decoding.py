@@ -148,10 +148,26 @@ class _Rules:
         return scores
 
 
-def _rules(eos_id: int, repetition_penalty: float, no_repeat_ngram_size: int, suppress_tokens: Sequence[int],
-           forced_tokens: Sequence[int], forced_eos_id: int | None, min_new: Tensor, max_new: Tensor) -> _Rules:
-    return _Rules(eos_id, repetition_penalty, no_repeat_ngram_size, tuple(forced_tokens), forced_eos_id,
-                  tuple(suppress_tokens), ban_eos_until=int(min_new.max()), force_eos_from=int(max_new.min()) - 1)
+def _rules(
+    eos_id: int,
+    repetition_penalty: float,
+    no_repeat_ngram_size: int,
+    suppress_tokens: Sequence[int],
+    forced_tokens: Sequence[int],
+    forced_eos_id: int | None,
+    min_new: Tensor,
+    max_new: Tensor,
+) -> _Rules:
+    return _Rules(
+        eos_id,
+        repetition_penalty,
+        no_repeat_ngram_size,
+        tuple(forced_tokens),
+        forced_eos_id,
+        tuple(suppress_tokens),
+        ban_eos_until=int(min_new.max()),
+        force_eos_from=int(max_new.min()) - 1,
+    )
 
 
 def _per_row(value: PerRow, n: int, device: torch.device, name: str) -> Tensor:
@@ -227,10 +243,21 @@ def greedy_search(
         new = logits.argmax(-1)
         return new, torch.log_softmax(logits, -1, out=logits).gather(1, new[:, None]).squeeze(1)  # in place: see _Rules
 
-    return _decode(step, cache, start_tokens, pick, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                   on_tokens=on_tokens, eos_id=eos_id, repetition_penalty=repetition_penalty,
-                   no_repeat_ngram_size=no_repeat_ngram_size, suppress_tokens=suppress_tokens,
-                   forced_tokens=forced_tokens, forced_eos_id=forced_eos_id)
+    return _decode(
+        step,
+        cache,
+        start_tokens,
+        pick,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        on_tokens=on_tokens,
+        eos_id=eos_id,
+        repetition_penalty=repetition_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+        suppress_tokens=suppress_tokens,
+        forced_tokens=forced_tokens,
+        forced_eos_id=forced_eos_id,
+    )
 
 
 @torch.inference_mode()  # no gradients; and a step run in inference mode gives logits changeable only in it
@@ -269,10 +296,21 @@ def sample(
         new = torch.multinomial(logits.softmax(-1), 1, generator=generator)  # (B, 1)
         return new.squeeze(1), logits.log_softmax(-1).gather(1, new).squeeze(1)
 
-    return _decode(step, cache, start_tokens, pick, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                   on_tokens=on_tokens, eos_id=eos_id, repetition_penalty=repetition_penalty,
-                   no_repeat_ngram_size=no_repeat_ngram_size, suppress_tokens=suppress_tokens,
-                   forced_tokens=forced_tokens, forced_eos_id=forced_eos_id)
+    return _decode(
+        step,
+        cache,
+        start_tokens,
+        pick,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        on_tokens=on_tokens,
+        eos_id=eos_id,
+        repetition_penalty=repetition_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+        suppress_tokens=suppress_tokens,
+        forced_tokens=forced_tokens,
+        forced_eos_id=forced_eos_id,
+    )
 
 
 @torch.inference_mode()  # no gradients; and a step run in inference mode gives logits changeable only in it
@@ -321,8 +359,9 @@ def beam_search(
         return []
     if int(max_new.min()) < 1:
         raise ValueError("max_new_tokens must be >= 1")
-    rules = _rules(eos_id, repetition_penalty, no_repeat_ngram_size, suppress_tokens, forced_tokens, forced_eos_id,
-                   min_new, max_new)
+    rules = _rules(
+        eos_id, repetition_penalty, no_repeat_ngram_size, suppress_tokens, forced_tokens, forced_eos_id, min_new, max_new
+    )
     L = int(max_new.max())
     # HF divides by a Python float, i.e. float64 rounded to float32 (no float64 on some devices)
     max_new_penalty = (max_new.cpu().double() ** length_penalty).float().to(device)  # (B,)
@@ -395,15 +434,28 @@ def beam_search(
             scores = fin_scores[gone, :n_best].tolist()
             seqs_gone = fin_seqs[gone, :n_best].tolist()
             for j, i in enumerate(gone.tolist()):
-                results[items[i]] = [Hypothesis(_strip_eos(s[:m], eos_id), sc)
-                                     for s, m, sc in zip(seqs_gone[j], lengths[j], scores[j])]
+                results[items[i]] = [
+                    Hypothesis(_strip_eos(s[:m], eos_id), sc) for s, m, sc in zip(seqs_gone[j], lengths[j], scores[j])
+                ]
             keep = (~done).nonzero().squeeze(1)
             if keep.numel() == 0:
                 break
-            state = (prompt, seqs, live_scores, parent, fin_seqs, fin_scores, fin_done, fin_len, min_new, max_new,
-                     max_new_penalty)
-            (prompt, seqs, live_scores, parent, fin_seqs, fin_scores, fin_done, fin_len, min_new, max_new,
-             max_new_penalty) = (x.index_select(0, keep) for x in state)
+            state = (
+                prompt,
+                seqs,
+                live_scores,
+                parent,
+                fin_seqs,
+                fin_scores,
+                fin_done,
+                fin_len,
+                min_new,
+                max_new,
+                max_new_penalty,
+            )
+            (prompt, seqs, live_scores, parent, fin_seqs, fin_scores, fin_done, fin_len, min_new, max_new, max_new_penalty) = (
+                x.index_select(0, keep) for x in state
+            )
             items = [items[i] for i in keep.tolist()]
         # One select drops finished rows, reorders beams and, after the first step, expands to K.
         index = keep[:, None] * K + parent if t > 0 else keep[:, None].expand(-1, K)  # (n, K)

@@ -31,9 +31,13 @@ def process_device(name: str, world: World) -> torch.device:
     if not world.distributed or device.type != "cuda":
         return device
     if device.index is not None:
-        raise UserError(f"--device {name}: under torchrun each process takes the GPU of its LOCAL_RANK; use --device cuda or auto")
+        raise UserError(
+            f"--device {name}: under torchrun each process takes the GPU of its LOCAL_RANK; use --device cuda or auto"
+        )
     if world.local_rank >= torch.cuda.device_count():
-        raise UserError(f"process {world.rank} has LOCAL_RANK {world.local_rank} but this node has {torch.cuda.device_count()} GPUs; lower --nproc-per-node")
+        raise UserError(
+            f"process {world.rank} has LOCAL_RANK {world.local_rank} but this node has {torch.cuda.device_count()} GPUs; lower --nproc-per-node"
+        )
     return torch.device("cuda", world.local_rank)
 
 

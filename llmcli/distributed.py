@@ -29,7 +29,15 @@ TIMEOUT_ENV = "LLMCLI_DIST_TIMEOUT"
 PEER_LOST_EXIT = 75
 
 # What gloo and NCCL say when the process at the other end died or hung.
-_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out", "timed out", "NCCL communicator was aborted", "Watchdog caught collective operation timeout")
+_PEER_LOST = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "Timed out",
+    "timed out",
+    "NCCL communicator was aborted",
+    "Watchdog caught collective operation timeout",
+)
 
 
 class PeerLost(Exception):
@@ -120,7 +128,12 @@ def record_error(message: str) -> None:
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
-    data = {"message": {"message": message, "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time())), "llmcli": "user-error"}}}
+    data = {
+        "message": {
+            "message": message,
+            "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time())), "llmcli": "user-error"},
+        }
+    }
     try:
         with open(path, "w", encoding="utf-8") as f:
             json.dump(data, f)
@@ -174,8 +187,9 @@ def launch(nproc: int, args: list[str], debug: bool = False) -> int:
     try:
         run(torchrun_args)
     except ChildFailedError as e:
-        rank = min(e.failures, key=lambda r: (_blame(e.failures[r]), e.failures[r].timestamp, r))
-        failure = e.failures[rank]
+        failures = e.failures
+        rank = min(failures, key=lambda r: (_blame(failures[r]), failures[r].timestamp, r))
+        failure = failures[rank]
         if _blame(failure) == 0:
             message = failure.message
             print(f"llmcli: error: {message['message']}", file=sys.stderr, flush=True)
@@ -184,7 +198,9 @@ def launch(nproc: int, args: list[str], debug: bool = False) -> int:
             why = f"was killed by {failure.signal_name()}"
         else:
             why = f"failed with exit code {failure.exitcode} (its messages are above)"
-        print(f"llmcli: error: process {rank} of {nproc} (pid {failure.pid}) {why}; stopped the others", file=sys.stderr, flush=True)
+        print(
+            f"llmcli: error: process {rank} of {nproc} (pid {failure.pid}) {why}; stopped the others", file=sys.stderr, flush=True
+        )
         return 1
     except SignalException as e:
         # Ctrl-C reached the workers too; rank 0 saved the state and said how to resume.

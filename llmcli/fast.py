@@ -108,7 +108,9 @@ def _memory_allows(nbytes: int) -> bool:
     model that barely fits keeps running on MKL instead of running out of memory."""
     try:
         with open("/proc/meminfo") as f:
-            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.startswith(("MemTotal:", "MemAvailable:"))}
+            info = {
+                line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.startswith(("MemTotal:", "MemAvailable:"))
+            }
         return info["MemAvailable"] - nbytes > info["MemTotal"] // 4
     except (OSError, KeyError, ValueError, IndexError):  # not Linux: no cheap reading, so pack
         return True

@@ -20,7 +20,7 @@ import os
 import re
 import string
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 from llmcli.errors import UserError
 
@@ -410,11 +410,11 @@ def squad_answers(text: str, name: str = "<references>") -> list[list[str]]:
         if isinstance(answers, dict):
             answers = answers.get("text")
         if not isinstance(answers, list):
-            raise UserError(f"{name}:{number}: needs an \"answers\" list")
+            raise UserError(f'{name}:{number}: needs an "answers" list')
         try:
             questions.append([a if isinstance(a, str) else a["text"] for a in answers])
         except (KeyError, TypeError):
-            raise UserError(f"{name}:{number}: each answer must be a string or have a \"text\"") from None
+            raise UserError(f'{name}:{number}: each answer must be a string or have a "text"') from None
     return questions
 
 

@@ -110,9 +110,12 @@ def relative_position_bucket(relative: torch.Tensor, bidirectional: bool, n_buck
         relative = -torch.clamp(relative, max=0)
     max_exact = n_buckets // 2
     is_small = relative < max_exact
-    large = max_exact + (
-        torch.log(relative.float().clamp(min=1) / max_exact) / math.log(max_distance / max_exact) * (n_buckets - max_exact)
-    ).long()
+    large = (
+        max_exact
+        + (
+            torch.log(relative.float().clamp(min=1) / max_exact) / math.log(max_distance / max_exact) * (n_buckets - max_exact)
+        ).long()
+    )
     large = torch.clamp(large, max=n_buckets - 1)
     return buckets + torch.where(is_small, relative, large)
 
@@ -129,7 +132,9 @@ class RelativeBias(nn.Module):
     def forward(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         # q_pos (B, T), k_pos (B, S) -> bias (B, H, T, S)
         relative = k_pos[:, None, :] - q_pos[:, :, None]
-        buckets = relative_position_bucket(relative, self.bidirectional, self.cfg.relative_buckets, self.cfg.relative_max_distance)
+        buckets = relative_position_bucket(
+            relative, self.bidirectional, self.cfg.relative_buckets, self.cfg.relative_max_distance
+        )
         return self.embedding(buckets).permute(0, 3, 1, 2)
 
 
@@ -221,7 +226,9 @@ class Block(nn.Module):
         return norm(x + self.dropout(sublayer(x)))
 
     def forward(self, x, self_mask, *, past=None, rope=None, is_causal=False, memory_kv=None, memory_mask=None):
-        x = self._residual(x, self.self_attn_norm, lambda h: self.self_attn(h, self_mask, past=past, rope=rope, is_causal=is_causal))
+        x = self._residual(
+            x, self.self_attn_norm, lambda h: self.self_attn(h, self_mask, past=past, rope=rope, is_causal=is_causal)
+        )
         if self.cross_attn is not None:
             x = self._residual(x, self.cross_attn_norm, lambda h: self.cross_attn(h, memory_mask, kv=memory_kv))
         return self._residual(x, self.ffn_norm, self.ffn)
@@ -379,7 +386,9 @@ class Transformer(nn.Module):
         """Encoder-only: right-padded tokens (B, S), mask (B, S) -> start and end logits (B, S, 2)."""
         return self.span_head(self.encode(tokens, mask, token_types))
 
-    def forward(self, tokens: torch.Tensor, src: torch.Tensor | None = None, src_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, src: torch.Tensor | None = None, src_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Teacher-forced logits (B, T, V) for right-padded decoder input `tokens`.
 
         Right padding needs no mask on the decoder side: causal attention keeps real

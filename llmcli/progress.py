@@ -69,7 +69,7 @@ class LineProgress:
         self.label = label
         self.bar: Progress | None = None
 
-    def __enter__(self) -> "LineProgress":
+    def __enter__(self) -> LineProgress:
         if self.enabled:
             self.bar = Progress(
                 TextColumn(f"[bold]{self.label}[/]"),

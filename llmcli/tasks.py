@@ -10,18 +10,19 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Literal
+from typing import Literal
 
 import torch
 
 from llmcli import decoding, fast, hub
+from llmcli.cache import PAD_TOKEN
 from llmcli.checkpoint import LoadedModel, load_model
+from llmcli.data import IGNORE_INDEX, pad_rows
 from llmcli.errors import UserError
 from llmcli.io import warn
 from llmcli.qa_data import qa_source
-from llmcli.data import IGNORE_INDEX, pad_rows
-from llmcli.cache import PAD_TOKEN
 
 OnLong = Literal["truncate", "error", "skip"]
 TASKS_BY_ARCHITECTURE = {
@@ -181,8 +182,16 @@ def _token_batches(lengths: list[int], batch_tokens: int, width: int) -> list[li
     return batches
 
 
-def _decode_batch(loaded: LoadedModel, step, cache, start: torch.Tensor, max_new, settings: DecodeSettings,
-                  suppress: tuple[int, ...], on_tokens=None) -> list[list[decoding.Hypothesis]]:
+def _decode_batch(
+    loaded: LoadedModel,
+    step,
+    cache,
+    start: torch.Tensor,
+    max_new,
+    settings: DecodeSettings,
+    suppress: tuple[int, ...],
+    on_tokens=None,
+) -> list[list[decoding.Hypothesis]]:
     cfg, gen = loaded.config, loaded.generation
     # A converted model's forced first and last tokens (BART's <s>, Marian's </s>), as HF's generate forces them
     forced = [gen["forced_bos_id"]] if gen.get("forced_bos_id") is not None else []
@@ -203,8 +212,13 @@ def _decode_batch(loaded: LoadedModel, step, cache, start: torch.Tensor, max_new
                                 **rules)  # fmt: skip
 
 
-def _in_batches(lines: Iterable, settings: DecodeSettings, encode: Callable[[list, int], dict[int, list[int]]],
-                decode: Callable[[list[int], list[list[int]], int], list[Output]], extra_tokens: int = 0) -> Iterator[Output]:
+def _in_batches(
+    lines: Iterable,
+    settings: DecodeSettings,
+    encode: Callable[[list, int], dict[int, list[int]]],
+    decode: Callable[[list[int], list[list[int]], int], list[Output]],
+    extra_tokens: int = 0,
+) -> Iterator[Output]:
     """The skeleton every generating task shares: read `lines` in chunks; `encode(chunk,
     first_line)` gives the token ids of the rows to run (the others stay empty); rows are sorted
     by length into token-count batches, `decode(rows, ids, first_line)` gives their Outputs,
@@ -307,8 +321,9 @@ NO_ANSWER = Answer("", 0.0, 0, 0)
 
 
 @torch.inference_mode()
-def extractive_qa(loaded: LoadedModel, records: Iterable, max_answer_len: int = 30, on_long: OnLong = "truncate",
-                  batch_size: int = 16) -> Iterator[Answer]:
+def extractive_qa(
+    loaded: LoadedModel, records: Iterable, max_answer_len: int = 30, on_long: OnLong = "truncate", batch_size: int = 16
+) -> Iterator[Answer]:
     """For each record (question, context), the most probable span of the context, as Hugging
     Face's question-answering pipeline picks it: softmax over the context tokens for the start
     and for the end, best start * end with start <= end < start + max_answer_len. The model's
@@ -371,8 +386,14 @@ def answer_questions(loaded: LoadedModel, records: Iterable, settings: DecodeSet
 
 
 @torch.inference_mode()
-def generate(loaded: LoadedModel, prompts: Iterable[str], settings: DecodeSettings, max_new_tokens: int = 100,
-             on_text: Callable[[int, str], None] | None = None, task: str = "generate") -> Iterator[Output]:
+def generate(
+    loaded: LoadedModel,
+    prompts: Iterable[str],
+    settings: DecodeSettings,
+    max_new_tokens: int = 100,
+    on_text: Callable[[int, str], None] | None = None,
+    task: str = "generate",
+) -> Iterator[Output]:
     """Continue each prompt; an empty prompt starts from the beginning of a text.
 
     `on_text(row, text_so_far)` streams a single prompt's continuation as it is produced.
@@ -496,12 +517,12 @@ class ChatSession:
             # A reply is one line: show it up to the first newline.
             line = text.split("\n", 1)[0]
             if on_text is not None and line != shown[0]:
-                on_text(line[len(shown[0]):])
+                on_text(line[len(shown[0]) :])
                 shown[0] = line
 
         result = next(generate(self.loaded, [prompt], self.settings, self.max_new_tokens, on_text=stream, task="chat"))
         answer = result.text.split("\n", 1)[0]
         if on_text is not None and len(answer) > len(shown[0]):
-            on_text(answer[len(shown[0]):])
+            on_text(answer[len(shown[0]) :])
         self.history = prompt + answer + "\n"
         return answer

@@ -33,8 +33,9 @@ import collections
 import json
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Literal
 
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
@@ -182,7 +183,9 @@ def train_tokenizer(
     if kind not in ("bpe", "unigram"):
         raise UserError(f"unknown tokenizer kind {kind!r}; choose bpe or unigram")
     if vocab_size < MIN_VOCAB_SIZE:
-        warn(f"vocab_size={vocab_size} is below the minimum {MIN_VOCAB_SIZE} (4 special + 256 byte tokens + 40); using {MIN_VOCAB_SIZE}")
+        warn(
+            f"vocab_size={vocab_size} is below the minimum {MIN_VOCAB_SIZE} (4 special + 256 byte tokens + 40); using {MIN_VOCAB_SIZE}"
+        )
         vocab_size = MIN_VOCAB_SIZE
     reserved = list(SPECIAL_TOKENS + BYTE_TOKENS)
     # At most three quarters of the free ids go to single characters; rarer characters are

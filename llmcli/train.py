@@ -25,9 +25,10 @@ import math
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, Protocol, get_args
+from typing import Literal, Protocol, get_args
 
 import torch
 import torch.nn.functional as F
@@ -118,7 +119,11 @@ class TrainOptions:
             raise UserError(f"unknown --preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         if self.batch_tokens < 16:
             raise UserError("--batch-tokens must be at least 16")
-        for flag, value in (("--accumulate", self.accumulate), ("--max-steps", self.max_steps), ("--valid-every", self.valid_every)):
+        for flag, value in (
+            ("--accumulate", self.accumulate),
+            ("--max-steps", self.max_steps),
+            ("--valid-every", self.valid_every),
+        ):
             if value is not None and value < 1:
                 raise UserError(f"{flag} must be at least 1")
         if self.keep_checkpoints < 0:
@@ -224,7 +229,9 @@ class Corpus:
 
 def _read_pair(src: str | None, tgt: str | None, split: str) -> Corpus:
     if not src or not tgt:
-        raise UserError(f"{split} data needs both --{'valid-' if split == 'validation' else ''}src and --{'valid-' if split == 'validation' else ''}tgt")
+        raise UserError(
+            f"{split} data needs both --{'valid-' if split == 'validation' else ''}src and --{'valid-' if split == 'validation' else ''}tgt"
+        )
     sources, targets = read_lines(src), read_lines(tgt)
     if len(sources) != len(targets):
         raise UserError(f"{src} has {len(sources)} lines but {tgt} has {len(targets)}; they must be line-aligned")
@@ -288,7 +295,10 @@ def build_examples(corpus: Corpus, src_tok: Tokenizer, tgt_tok: Tokenizer, cfg: 
     long = sum(len(s) >= cfg.max_positions or len(t) >= cfg.max_positions for s, t in zip(src_ids, tgt_ids))
     if long:
         warn(f"{long} examples longer than max_positions={cfg.max_positions} tokens were truncated")
-    return [seq2seq_example(s, t, start_id=cfg.start_id, eos_id=cfg.eos_id, max_len=cfg.max_positions) for s, t in zip(src_ids, tgt_ids)]
+    return [
+        seq2seq_example(s, t, start_id=cfg.start_id, eos_id=cfg.eos_id, max_len=cfg.max_positions)
+        for s, t in zip(src_ids, tgt_ids)
+    ]
 
 
 def make_config(opts: TrainOptions, src_tok: Tokenizer, tgt_tok: Tokenizer) -> ModelConfig:
@@ -393,7 +403,9 @@ def _resumed_accumulate(saved: dict, requested: int | None, world: World, out: P
             "tokens per step, so the run no longer matches an uninterrupted one"
         )
     elif accumulate * world.size == global_batches and world.size != stored_world:
-        log(f"resuming on {world.size} processes (was {stored_world}): --accumulate {accumulate} keeps {global_batches} batches per step")
+        log(
+            f"resuming on {world.size} processes (was {stored_world}): --accumulate {accumulate} keeps {global_batches} batches per step"
+        )
     return accumulate
 
 
@@ -469,7 +481,9 @@ def _data_parallel(model: Transformer, device: torch.device) -> torch.nn.paralle
     # The buffers (sinusoids, logits bias) never change: no need to send them every step.
     # torch 2.13 renamed the switch.
     no_buffer_sync = (
-        {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters else {"broadcast_buffers": False}
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in inspect.signature(DDP).parameters
+        else {"broadcast_buffers": False}
     )
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync)
 
@@ -500,7 +514,9 @@ def train(opts: TrainOptions, reporter: Reporter | None = None, resume: bool = F
         result = _loop(run, reporter)
     except RuntimeError as e:  # torch.distributed's errors are RuntimeErrors
         if world.distributed and distributed.lost_peer(e):
-            raise distributed.PeerLost(f"process {world.rank} of {world.size} stopped: another process failed or stopped answering") from e
+            raise distributed.PeerLost(
+                f"process {world.rank} of {world.size} stopped: another process failed or stopped answering"
+            ) from e
         raise
     leave(world)  # not on an exception: a collective with a dead peer may be what raised
     return result
@@ -599,7 +615,9 @@ def _setup(
         + (f", {opts.precision}" if opts.precision != "fp32" else "")
     )
     if world.distributed:
-        reporter.log(f"global batch: {world.size} processes x --accumulate {opts.accumulate} x --batch-tokens {opts.batch_tokens}")
+        reporter.log(
+            f"global batch: {world.size} processes x --accumulate {opts.accumulate} x --batch-tokens {opts.batch_tokens}"
+        )
     return run
 
 
@@ -754,14 +772,19 @@ class _Speed:
 def _validate(run: Run, reporter: Reporter) -> tuple[float, bool]:
     """The validation loss, and whether it is the best so far (progress keeps count)."""
     progress = run.progress
-    loss = evaluate_loss(run.model, run.valid_examples, run.model.cfg.pad_id, run.opts.batch_tokens, run.device, run.world, run.opts.precision)
+    loss = evaluate_loss(
+        run.model, run.valid_examples, run.model.cfg.pad_id, run.opts.batch_tokens, run.device, run.world, run.opts.precision
+    )
     improved = progress.best_valid_loss is None or loss < progress.best_valid_loss
     if improved:
         progress.best_valid_loss = loss
         progress.validations_without_improvement = 0
     else:
         progress.validations_without_improvement += 1
-    reporter.log(f"step {progress.step}: validation loss {loss:.4f}, perplexity {math.exp(min(loss, 50)):.2f}" + (" (best)" if improved else ""))
+    reporter.log(
+        f"step {progress.step}: validation loss {loss:.4f}, perplexity {math.exp(min(loss, 50)):.2f}"
+        + (" (best)" if improved else "")
+    )
     return loss, improved
 
 
@@ -771,7 +794,9 @@ def _save(run: Run, improved: bool) -> None:
     if not run.world.is_main:
         return
     if run.opts.keep_checkpoints:
-        _keep_checkpoint(run.out, run.progress.step, run.opts.keep_checkpoints, run.model, run.tgt_tok, run.src_tok, run.generation)
+        _keep_checkpoint(
+            run.out, run.progress.step, run.opts.keep_checkpoints, run.model, run.tgt_tok, run.src_tok, run.generation
+        )
     if improved:
         checkpoint.save_model(run.out, run.model, run.tgt_tok, run.src_tok, run.generation)
     save_train_state(run.out, run.model, run.optimizer, run.opts, run.progress, run.world.size, run.scaler)

@@ -8,9 +8,9 @@ import sys
 import time
 
 import pytest
+from conftest import run_cli
 from typer.testing import CliRunner
 
-from conftest import run_cli
 from llmcli.cli import app
 
 runner = CliRunner()
@@ -50,17 +50,25 @@ def test_translate_one_line_per_input_line_empty_stays_empty(tiny_model):
 
 def test_batch_equals_one_by_one(tiny_model, number_corpus):
     lines = (number_corpus / "test.en").read_text().splitlines()
-    batched = runner.invoke(app, ["translate", "-m", str(tiny_model), "--beam", "3", "--batch-tokens", "200"], input="\n".join(lines) + "\n")
-    alone = [runner.invoke(app, ["translate", "-m", str(tiny_model), "--beam", "3"], input=line + "\n").stdout for line in lines[:6]]
+    batched = runner.invoke(
+        app, ["translate", "-m", str(tiny_model), "--beam", "3", "--batch-tokens", "200"], input="\n".join(lines) + "\n"
+    )
+    alone = [
+        runner.invoke(app, ["translate", "-m", str(tiny_model), "--beam", "3"], input=line + "\n").stdout for line in lines[:6]
+    ]
     assert lines_of(batched.stdout)[:6] == [a.rstrip("\n") for a in alone]
 
 
 def test_n_best_formats(tiny_model):
-    tsv = runner.invoke(app, ["translate", "-m", str(tiny_model), "--beam", "3", "--n-best", "2", "--format", "tsv"], input="seven\neight\n")
+    tsv = runner.invoke(
+        app, ["translate", "-m", str(tiny_model), "--beam", "3", "--n-best", "2", "--format", "tsv"], input="seven\neight\n"
+    )
     rows = [line.split("\t") for line in lines_of(tsv.stdout)]
     assert [r[0] for r in rows] == ["0", "0", "1", "1"]
     assert float(rows[0][1]) >= float(rows[1][1])
-    jl = runner.invoke(app, ["translate", "-m", str(tiny_model), "--beam", "3", "--n-best", "2", "--format", "jsonl"], input="seven\n")
+    jl = runner.invoke(
+        app, ["translate", "-m", str(tiny_model), "--beam", "3", "--n-best", "2", "--format", "jsonl"], input="seven\n"
+    )
     record = json.loads(jl.stdout)
     assert record["index"] == 0 and len(record["hypotheses"]) == 2
     bad = runner.invoke(app, ["translate", "-m", str(tiny_model), "--n-best", "3", "--beam", "2"], input="x\n")
@@ -222,7 +230,9 @@ def test_generate_input_file_one_line_per_prompt(tiny_lm, tmp_path):
 
 
 def test_chat_reads_turns_and_commands(tiny_lm):
-    proc = run_cli("chat", "-m", str(tiny_lm), "--seed", "1", "--max-new-tokens", "10", input=b"the cat\n/reset\nnumber\n/exit\nignored\n")
+    proc = run_cli(
+        "chat", "-m", str(tiny_lm), "--seed", "1", "--max-new-tokens", "10", input=b"the cat\n/reset\nnumber\n/exit\nignored\n"
+    )
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.decode().splitlines()) == 2  # two replies; commands produce none
 

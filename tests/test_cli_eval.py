@@ -266,9 +266,7 @@ def test_help_shows_examples_and_defaults():
 
 
 def test_example_script_runs():
-    proc = subprocess.run(
-        ["bash", str(REPO / "examples" / "score.sh")], capture_output=True, env=subprocess_env(), timeout=120
-    )
+    proc = subprocess.run(["bash", str(REPO / "examples" / "score.sh")], capture_output=True, env=subprocess_env(), timeout=120)
     assert proc.returncode == 0, proc.stderr.decode()
     out = proc.stdout.decode("utf-8")
     expected = metrics.bleu(

@@ -18,14 +18,13 @@ from tokenizers import Tokenizer as HFTokenizer  # noqa: E402
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from llmcli import tasks  # noqa: E402
+from llmcli import fast, tasks  # noqa: E402
+from llmcli.cache import PAD_TOKEN  # noqa: E402
 from llmcli.checkpoint import LoadedModel, load_model  # noqa: E402
 from llmcli.cli import app  # noqa: E402
 from llmcli.convert import convert, convert_weights  # noqa: E402
 from llmcli.convert.common import generation_settings, read_generation_config, read_hf_config  # noqa: E402
 from llmcli.errors import UserError  # noqa: E402
-from llmcli import fast  # noqa: E402
-from llmcli.cache import PAD_TOKEN  # noqa: E402
 
 WORDS = ("the a cat dog bird sat ran on under over mat house tree river red blue green big small old new "
          "sees likes finds and or but not very quite here there today now").split()  # fmt: skip
@@ -158,7 +157,8 @@ def build(family: str, directory: Path):
     elif family == "bert":
         tok = train_bpe("wordpiece", ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
         tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+        )
         cfg = transformers.BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
                                       num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)  # fmt: skip
         model = transformers.BertForQuestionAnswering(cfg)
@@ -472,8 +472,7 @@ def test_bert_span_logits_and_answers_match_transformers(hf_models, tmp_path):
     d, hf, fast = hf_models("bert")
     loaded = convert(d)
     assert loaded.config.architecture == "encoder-only"
-    batch = fast([q for q, _ in QA[:3]], [c for _, c in QA[:3]], return_tensors="pt", padding=True,
-                 return_token_type_ids=True)
+    batch = fast([q for q, _ in QA[:3]], [c for _, c in QA[:3]], return_tensors="pt", padding=True, return_token_type_ids=True)
     with torch.inference_mode():
         theirs = hf(**batch)
         mine = loaded.model.span_logits(batch["input_ids"], batch["attention_mask"].bool(), batch["token_type_ids"])

@@ -132,10 +132,10 @@ def test_processors_match_hf_on_random_logits():
     history = torch.randint(0, 30, (6, 12), generator=g)
     history[:, 3:7] = torch.randint(0, 4, (6, 4), generator=g)  # make repeated n-grams likely
     for n in (1, 2, 3):
-        torch.testing.assert_close(ban_repeated_ngrams(scores, history, n),
-                                   lp.NoRepeatNGramLogitsProcessor(n)(history, scores))
-    torch.testing.assert_close(penalize_repetition(scores, history, 1.7),
-                               lp.RepetitionPenaltyLogitsProcessor(1.7)(history, scores.clone()))
+        torch.testing.assert_close(ban_repeated_ngrams(scores, history, n), lp.NoRepeatNGramLogitsProcessor(n)(history, scores))
+    torch.testing.assert_close(
+        penalize_repetition(scores, history, 1.7), lp.RepetitionPenaltyLogitsProcessor(1.7)(history, scores.clone())
+    )
     for k in (1, 5, 40):
         torch.testing.assert_close(keep_top_k(scores, k), lp.TopKLogitsWarper(k)(history, scores))
     for p in (0.05, 0.5, 0.9, 0.99):
@@ -168,12 +168,27 @@ def test_greedy_on_a_table_min_length_forced_and_suppressed_tokens():
     assert cache.selects == [1]  # the row that ended left the batch
 
     step = table_step([table])
-    out = greedy_search(step, HistoryCache({"row": torch.arange(1)}), torch.tensor([[3]]), eos_id=0,
-                        max_new_tokens=4, min_new_tokens=2, forced_tokens=[3], suppress_tokens=[1])
+    out = greedy_search(
+        step,
+        HistoryCache({"row": torch.arange(1)}),
+        torch.tensor([[3]]),
+        eos_id=0,
+        max_new_tokens=4,
+        min_new_tokens=2,
+        forced_tokens=[3],
+        suppress_tokens=[1],
+    )
     assert out[0].tokens == [3, 2]  # forced 3, eos banned then 1 suppressed, then eos
     assert out[0].score == pytest.approx(0.0 + math.log(1 / 2) + math.log(1 / (1 + 2 * math.exp(-5))))
-    out = greedy_search(step, HistoryCache({"row": torch.arange(1)}), torch.tensor([[3]]), eos_id=0,
-                        max_new_tokens=3, min_new_tokens=5, forced_eos_id=0)
+    out = greedy_search(
+        step,
+        HistoryCache({"row": torch.arange(1)}),
+        torch.tensor([[3]]),
+        eos_id=0,
+        max_new_tokens=3,
+        min_new_tokens=5,
+        forced_eos_id=0,
+    )
     assert out[0].tokens == [1, 1]  # eos at max length
 
 
@@ -192,7 +207,7 @@ def all_sequences(step_model, start, vocab, eos_id, max_new, length_penalty=0.0)
                 if i + 1 < n:
                     logp = step_model(torch.tensor([[tok]]), cache).log_softmax(-1)[0]
             tokens = list(seq[:-1]) if seq[-1] == eos_id else list(seq)
-            scored.append((total / n ** length_penalty, tokens))
+            scored.append((total / n**length_penalty, tokens))
     return sorted(scored, key=lambda s: -s[0])
 
 
@@ -201,8 +216,17 @@ def test_a_wide_beam_finds_the_exhaustive_best(length_penalty):
     vocab, eos, max_new = 5, 0, 4
     model = ToyModel(vocab, seed=3, scale=1.0)
     best = all_sequences(model, [2, 3], vocab, eos, max_new, length_penalty)[:3]
-    out = beam_search(model, HistoryCache(), torch.tensor([[2, 3]]), beam_size=(vocab - 1) ** 3, eos_id=eos,
-                      max_new_tokens=max_new, length_penalty=length_penalty, n_best=3, early_stopping="never")[0]
+    out = beam_search(
+        model,
+        HistoryCache(),
+        torch.tensor([[2, 3]]),
+        beam_size=(vocab - 1) ** 3,
+        eos_id=eos,
+        max_new_tokens=max_new,
+        length_penalty=length_penalty,
+        n_best=3,
+        early_stopping="never",
+    )[0]
     assert [h.tokens for h in out] == [b[1] for b in best]
     assert [h.score for h in out] == pytest.approx([b[0] for b in best], abs=1e-5)
 
@@ -299,8 +323,16 @@ VOCAB, EOS = 50, 18
 
 
 def tiny_gpt2():
-    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=64,
-                                  tie_word_embeddings=False, bos_token_id=EOS, eos_token_id=EOS)
+    cfg = transformers.GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        vocab_size=VOCAB,
+        n_positions=64,
+        tie_word_embeddings=False,
+        bos_token_id=EOS,
+        eos_token_id=EOS,
+    )
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(cfg).eval()
     with torch.no_grad():  # larger weights than the default init, for peaked, prompt-dependent outputs
@@ -320,8 +352,7 @@ def gpt2_step(model):
         h = cache.append(tokens)
         mask = h >= 0
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        return model(input_ids=h.masked_fill(~mask, EOS), attention_mask=mask.long(),
-                     position_ids=positions).logits[:, -1]
+        return model(input_ids=h.masked_fill(~mask, EOS), attention_mask=mask.long(), position_ids=positions).logits[:, -1]
 
     return step
 
@@ -359,9 +390,16 @@ def gpt2():
 def hf_generate(model, start, **settings):
     mask = (start >= 0).long()
     with torch.no_grad():
-        return model.generate(input_ids=start.masked_fill(mask == 0, EOS), attention_mask=mask, pad_token_id=EOS,
-                              eos_token_id=EOS, max_new_tokens=12, return_dict_in_generate=True,
-                              output_scores=True, **{"do_sample": False} | settings)
+        return model.generate(
+            input_ids=start.masked_fill(mask == 0, EOS),
+            attention_mask=mask,
+            pad_token_id=EOS,
+            eos_token_id=EOS,
+            max_new_tokens=12,
+            return_dict_in_generate=True,
+            output_scores=True,
+            **{"do_sample": False} | settings,
+        )
 
 
 @pytest.mark.parametrize("name", list(HF_SETTINGS))
@@ -374,7 +412,7 @@ def test_greedy_matches_hf(gpt2, name):
     assert [h.tokens for h in ours] == hf_generated(hf.sequences, start.shape[1])
     # HF's transition scores, normalised, summed over the tokens before the end
     steps = torch.stack(hf.scores, 1).log_softmax(-1)  # (B, steps, V)
-    new = hf.sequences[:, start.shape[1]:]
+    new = hf.sequences[:, start.shape[1] :]
     per_token = steps.gather(2, new[:, :, None]).squeeze(2)
     lengths = [min(len(h.tokens) + 1, 12) for h in ours]
     hf_scores = [per_token[i, :n].sum().item() for i, n in enumerate(lengths)]
@@ -386,10 +424,12 @@ def test_greedy_matches_hf(gpt2, name):
 BEAM_SETTINGS = {
     "lp0.6": dict(length_penalty=0.6, early_stopping=False),
     "lp1.2-early": dict(length_penalty=1.2, early_stopping=True),
-    "lp1.2-never-processors": dict(length_penalty=1.2, early_stopping="never", no_repeat_ngram_size=2,
-                                   repetition_penalty=1.3, min_new_tokens=3),
-    "lp0.6-processors": dict(length_penalty=0.6, early_stopping=False, no_repeat_ngram_size=2,
-                             repetition_penalty=1.3, min_new_tokens=3),
+    "lp1.2-never-processors": dict(
+        length_penalty=1.2, early_stopping="never", no_repeat_ngram_size=2, repetition_penalty=1.3, min_new_tokens=3
+    ),
+    "lp0.6-processors": dict(
+        length_penalty=0.6, early_stopping=False, no_repeat_ngram_size=2, repetition_penalty=1.3, min_new_tokens=3
+    ),
 }
 
 
@@ -399,8 +439,7 @@ def test_beam_search_matches_hf(gpt2, name):
     settings = BEAM_SETTINGS[name]
     hf = hf_generate(model, start, num_beams=4, num_return_sequences=2, **settings)
     cache = HistoryCache()
-    ours = beam_search(gpt2_step(model), cache, start, beam_size=4, n_best=2, eos_id=EOS, max_new_tokens=12,
-                       **settings)
+    ours = beam_search(gpt2_step(model), cache, start, beam_size=4, n_best=2, eos_id=EOS, max_new_tokens=12, **settings)
     flat = [h for row in ours for h in row]
     assert [h.tokens for h in flat] == hf_generated(hf.sequences, start.shape[1])
     assert [h.score for h in flat] == pytest.approx(hf.sequences_scores.tolist(), abs=1e-5)
@@ -414,8 +453,7 @@ def test_sampling_matches_hf_while_no_row_ends(gpt2, settings):
     torch.manual_seed(7)
     hf = hf_generate(model, start, min_new_tokens=12, **settings | dict(do_sample=True))
     torch.manual_seed(7)
-    ours = sample(gpt2_step(model), HistoryCache(), start, eos_id=EOS, max_new_tokens=12, min_new_tokens=12,
-                  **settings)
+    ours = sample(gpt2_step(model), HistoryCache(), start, eos_id=EOS, max_new_tokens=12, min_new_tokens=12, **settings)
     assert [h.tokens for h in ours] == hf_generated(hf.sequences, start.shape[1])
 
 
@@ -426,9 +464,20 @@ BART_EOS, BART_PAD, BART_BOS = 2, 1, 0
 @pytest.fixture(scope="module")
 def bart():
     cfg = transformers.BartConfig(
-        vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
-        pad_token_id=BART_PAD, bos_token_id=BART_BOS, eos_token_id=BART_EOS, decoder_start_token_id=BART_EOS)
+        vocab_size=VOCAB,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
+        pad_token_id=BART_PAD,
+        bos_token_id=BART_BOS,
+        eos_token_id=BART_EOS,
+        decoder_start_token_id=BART_EOS,
+    )
     torch.manual_seed(0)
     model = transformers.BartForConditionalGeneration(cfg).eval()
     with torch.no_grad():
@@ -437,8 +486,10 @@ def bart():
                 p.normal_(0, 0.3)
         model.final_logits_bias[0, BART_EOS] = -2.0  # else it mostly stops at once
     g = torch.Generator().manual_seed(1)
-    sources = [torch.randint(3, VOCAB, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g).tolist()
-               + [BART_EOS] for _ in range(24)]
+    sources = [
+        torch.randint(3, VOCAB, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g).tolist() + [BART_EOS]
+        for _ in range(24)
+    ]
     width = max(map(len, sources))
     source = torch.tensor([s + [BART_PAD] * (width - len(s)) for s in sources])  # right-padded, as HF pads
     return model, source, (source != BART_PAD).long()
@@ -448,8 +499,7 @@ def bart_step(model):
     @torch.no_grad()
     def step(tokens, cache):
         h = cache.append(tokens)
-        out = model(encoder_outputs=(cache.extra["encoder"],), attention_mask=cache.extra["mask"],
-                    decoder_input_ids=h)
+        out = model(encoder_outputs=(cache.extra["encoder"],), attention_mask=cache.extra["mask"], decoder_input_ids=h)
         return out.logits[:, -1]
 
     return step
@@ -461,23 +511,35 @@ def bart_cache(model, source, mask):
     return HistoryCache({"encoder": encoder, "mask": mask})
 
 
-@pytest.mark.parametrize("beam", [None, dict(length_penalty=1.0), dict(length_penalty=0.6, no_repeat_ngram_size=2,
-                                                                       repetition_penalty=1.3, min_new_tokens=4)])
+@pytest.mark.parametrize(
+    "beam",
+    [None, dict(length_penalty=1.0), dict(length_penalty=0.6, no_repeat_ngram_size=2, repetition_penalty=1.3, min_new_tokens=4)],
+)
 def test_encoder_decoder_matches_hf(bart, beam):
     model, source, mask = bart
     settings = {k: v for k, v in (beam or {}).items() if k != "length_penalty"}
     forced = dict(forced_bos_token_id=BART_BOS, forced_eos_token_id=BART_EOS)
     with torch.no_grad():
-        hf = model.generate(input_ids=source, attention_mask=mask, max_new_tokens=12, do_sample=False,
-                            num_beams=4 if beam else 1, num_return_sequences=2 if beam else 1,
-                            length_penalty=(beam or {}).get("length_penalty", 1.0), return_dict_in_generate=True,
-                            output_scores=True, **forced, **settings)
+        hf = model.generate(
+            input_ids=source,
+            attention_mask=mask,
+            max_new_tokens=12,
+            do_sample=False,
+            num_beams=4 if beam else 1,
+            num_return_sequences=2 if beam else 1,
+            length_penalty=(beam or {}).get("length_penalty", 1.0),
+            return_dict_in_generate=True,
+            output_scores=True,
+            **forced,
+            **settings,
+        )
     start = torch.full((len(source), 1), BART_EOS)
     ours_forced = dict(forced_tokens=[BART_BOS], forced_eos_id=BART_EOS)
     cache = bart_cache(model, source, mask)
     if beam:
-        out = beam_search(bart_step(model), cache, start, beam_size=4, n_best=2, eos_id=BART_EOS,
-                          max_new_tokens=12, **beam, **ours_forced)
+        out = beam_search(
+            bart_step(model), cache, start, beam_size=4, n_best=2, eos_id=BART_EOS, max_new_tokens=12, **beam, **ours_forced
+        )
         flat = [h for row in out for h in row]
         assert [h.score for h in flat] == pytest.approx(hf.sequences_scores.tolist(), abs=1e-5)
     else:

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli, train_args
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import run_cli, train_args
 from llmcli import checkpoint
 from llmcli.cli import app
 from llmcli.config import ModelConfig
@@ -98,7 +98,9 @@ def test_two_processes_give_the_weights_of_one_with_the_same_global_batch(number
     assert (state["world_size"], state["options"]["accumulate"], state["progress"]["step"]) == (2, 1, 8)
 
 
-def test_resume_under_torchrun_on_another_number_of_processes_continues_exactly(number_corpus, tmp_path, one_process_run, one_thread):
+def test_resume_under_torchrun_on_another_number_of_processes_continues_exactly(
+    number_corpus, tmp_path, one_process_run, one_thread
+):
     one, _ = one_process_run
     out = tmp_path / "switch"
     first = invoke(*data_args(number_corpus, out, "--accumulate", "2", "--max-steps", "4"))
@@ -160,7 +162,9 @@ def test_a_killed_process_stops_the_job_with_one_line(number_corpus, tmp_path):
 
 
 def test_a_user_error_in_every_process_is_one_line(number_corpus, tmp_path):
-    result = run_cli(*train_args(number_corpus, tmp_path / "m", "--nproc", "2", "--src", str(tmp_path / "missing.en")), env=ONE_THREAD)
+    result = run_cli(
+        *train_args(number_corpus, tmp_path / "m", "--nproc", "2", "--src", str(tmp_path / "missing.en")), env=ONE_THREAD
+    )
     assert result.returncode == 2
     err = result.stderr.decode().strip()
     assert err.splitlines() == [f"llmcli: error: {tmp_path / 'missing.en'}: no such file"]
@@ -172,7 +176,9 @@ def test_a_global_batch_that_cannot_be_shared_is_refused_and_a_new_one_is_announ
         _resumed_accumulate(saved, None, World(rank=0, size=2), Path("run"), print)
     assert _resumed_accumulate(saved, 2, World(rank=0, size=2), Path("run"), print) == 2
     assert "global batch changes from 3 to 4" in capsys.readouterr().err
-    assert _resumed_accumulate({"options": {"accumulate": 1}, "world_size": 4}, None, World(rank=0, size=2), Path("run"), print) == 2
+    assert (
+        _resumed_accumulate({"options": {"accumulate": 1}, "world_size": 4}, None, World(rank=0, size=2), Path("run"), print) == 2
+    )
 
 
 def test_batch_positions_run_on_across_epochs():

@@ -11,9 +11,7 @@ from llmcli.config import ModelConfig
 from llmcli.fast import PackedLinear
 from llmcli.model import Transformer
 
-BASE = dict(
-    vocab_size=50, d_model=32, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, d_ff=64, max_positions=64, dropout=0.0
-)
+BASE = dict(vocab_size=50, d_model=32, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, d_ff=64, max_positions=64, dropout=0.0)
 
 # One entry per axis of variation, plus the combinations real families use.
 VARIANTS = {
@@ -21,8 +19,17 @@ VARIANTS = {
     "post-norm": dict(norm_position="post", final_norm=False),
     "learned-bart": dict(positions="learned", position_offset=2, embedding_norm=True, activation="gelu", final_logits_bias=True),
     "rope-gqa-swiglu": dict(positions="rope", n_kv_heads=2, activation="silu", glu=True, norm="rmsnorm", bias=False),
-    "t5-relative": dict(positions="relative", relative_buckets=8, relative_max_distance=16, norm="rmsnorm", bias=False,
-                        attention_scale=1.0, activation="gelu_tanh", glu=True, logits_scale=32**-0.5),
+    "t5-relative": dict(
+        positions="relative",
+        relative_buckets=8,
+        relative_max_distance=16,
+        norm="rmsnorm",
+        bias=False,
+        attention_scale=1.0,
+        activation="gelu_tanh",
+        glu=True,
+        logits_scale=32**-0.5,
+    ),
     "separate-vocab": dict(tgt_vocab_size=40, shared_embeddings=False, tied_output=False, scale_embeddings=True),
 }
 

@@ -49,12 +49,12 @@ WHITESPACE = ["", " ", "   ", " leading", "trailing ", "  two  spaces  ", "tab\t
 LOOKALIKES = ["<s>x</s> <pad><unk>", "<0x41><0xE4>", "literal \u2581 and _", "</s", "<0x"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def trained(kind: str, vocab_size: int = 1000) -> Tokenizer:
     return train_tokenizer(CORPUS, vocab_size=vocab_size, kind=kind)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def trained_on_english(kind: str) -> Tokenizer:
     return train_tokenizer([t for t in CORPUS if t.isascii()], vocab_size=600, kind=kind)
 

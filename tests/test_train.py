@@ -8,9 +8,9 @@ import time
 
 import pytest
 import typer
+from conftest import TINY_CONFIG, run_cli, train_args
 from typer.testing import CliRunner
 
-from conftest import TINY_CONFIG, run_cli, train_args
 from llmcli.cli import app
 from llmcli.data import make_batches
 from llmcli.errors import UserError
@@ -45,11 +45,23 @@ def test_resume_of_finished_run_says_what_to_do(number_corpus, tmp_path):
 
 def test_training_lowers_validation_loss_and_keeps_best(number_corpus, tmp_path):
     out = tmp_path / "m"
-    args = train_args(number_corpus, out, "--max-steps", "20", "--valid-every", "10",
-                      "--valid-src", str(number_corpus / "valid.en"), "--valid-tgt", str(number_corpus / "valid.zh"))
+    args = train_args(
+        number_corpus,
+        out,
+        "--max-steps",
+        "20",
+        "--valid-every",
+        "10",
+        "--valid-src",
+        str(number_corpus / "valid.en"),
+        "--valid-tgt",
+        str(number_corpus / "valid.zh"),
+    )
     result = invoke(*[a for a in args if a != "--quiet"])  # the validation lines are what we read
     assert result.exit_code == 0, result.output
-    losses = [float(line.split("validation loss ")[1].split(",")[0]) for line in result.output.splitlines() if line.startswith("step ")]
+    losses = [
+        float(line.split("validation loss ")[1].split(",")[0]) for line in result.output.splitlines() if line.startswith("step ")
+    ]
     assert len(losses) == 2 and losses[1] < losses[0]
     for name in ("config.json", "model.safetensors", "tokenizer.json", "generation.json"):
         assert (out / name).is_file()
@@ -101,7 +113,9 @@ def test_ctrl_c_saves_a_resumable_checkpoint_and_exits_130(number_corpus, tmp_pa
     assert b"resume with: llmcli train --resume" in err
     state = json.loads((out / "train_state" / "state.json").read_text())
     assert state["progress"]["step"] >= 1
-    resumed = invoke("train", "--task", "translate", "--resume", str(out), "--max-steps", str(state["progress"]["step"] + 2), "--quiet")
+    resumed = invoke(
+        "train", "--task", "translate", "--resume", str(out), "--max-steps", str(state["progress"]["step"] + 2), "--quiet"
+    )
     assert resumed.exit_code == 0, resumed.output
 
 
@@ -127,7 +141,9 @@ def test_qa_trains_from_jsonl(tmp_path):
     result = invoke("train", "--task", "qa", "--data", str(data), "--out", str(out), "--vocab-size", "300",
                     "--batch-tokens", "512", "--max-steps", "5", "--quiet", *TINY_CONFIG)  # fmt: skip
     assert result.exit_code == 0, result.output
-    answered = runner.invoke(app, ["qa", "-m", str(out), "--beam", "1"], input=json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n")
+    answered = runner.invoke(
+        app, ["qa", "-m", str(out), "--beam", "1"], input=json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n"
+    )
     assert answered.exit_code == 0, answered.output
     assert len(answered.output.splitlines()) == 2  # blank JSONL lines are not questions
 

@@ -83,7 +83,10 @@ _REFUSED = ("tf_model.h5", "flax_model.msgpack", "model.ckpt.index", "consolidat
 def read_weights(src: Path) -> dict[str, Tensor]:
     """All tensors of the checkpoint, from safetensors (single or sharded) or a weights-only pickle."""
     files: list[Path]
-    for single, index in (("model.safetensors", "model.safetensors.index.json"), ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+    for single, index in (
+        ("model.safetensors", "model.safetensors.index.json"),
+        ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+    ):
         if (src / single).is_file():
             files = [src / single]
             break
@@ -135,8 +138,9 @@ def _pattern(template: str) -> re.Pattern:
     return re.compile("^" + re.escape(template).replace(r"\{\}", r"(\d+)") + "$")
 
 
-def apply_map(tensors: dict[str, Tensor], weight_map: dict[str, Target], expected: dict[str, Tensor],
-              source: str) -> dict[str, Tensor]:
+def apply_map(
+    tensors: dict[str, Tensor], weight_map: dict[str, Target], expected: dict[str, Tensor], source: str
+) -> dict[str, Tensor]:
     """Our tensors from theirs by `weight_map`; fails once listing every unmatched, unfilled or
     misshapen name. Several of theirs may fill one of ours (tied copies) if they are equal."""
     rules = [(_pattern(src), src, target) for src, target in weight_map.items()]
@@ -148,7 +152,7 @@ def apply_map(tensors: dict[str, Tensor], weight_map: dict[str, Target], expecte
         if name in exact:
             target, numbers = exact[name], ()
         else:
-            for regex, _, target in rules:
+            for regex, _, target in rules:  # noqa: B007  (target is used after the break)
                 if m := regex.match(name):
                     numbers = m.groups()
                     break
