@@ -182,7 +182,7 @@ def _strip_eos(tokens: list[int], eos_id: int) -> list[int]:
     return tokens[:-1] if tokens and tokens[-1] == eos_id else tokens
 
 
-def _decode(step, cache, start_tokens, pick, *, max_new_tokens, min_new_tokens, on_tokens, **rule_options):
+def _decode(step, cache, start_tokens, pick, max_new_tokens, min_new_tokens, on_tokens, rule_options: tuple):
     """One token per row per step; `pick(scores (B, V)) -> (tokens (B,), log-probs (B,))`."""
     B, P = start_tokens.shape
     device = start_tokens.device
@@ -192,7 +192,7 @@ def _decode(step, cache, start_tokens, pick, *, max_new_tokens, min_new_tokens, 
         return []
     if int(max_new.min()) < 1:
         raise ValueError("max_new_tokens must be >= 1")
-    rules = _rules(**rule_options, min_new=min_new, max_new=max_new)
+    rules = _rules(*rule_options, min_new, max_new)
     rows = list(range(B))  # original index of each live row
     history = start_tokens  # (B, P + t)
     scores = torch.zeros(B, device=device)
@@ -243,21 +243,8 @@ def greedy_search(
         new = logits.argmax(-1)
         return new, torch.log_softmax(logits, -1, out=logits).gather(1, new[:, None]).squeeze(1)  # in place: see _Rules
 
-    return _decode(
-        step,
-        cache,
-        start_tokens,
-        pick,
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=min_new_tokens,
-        on_tokens=on_tokens,
-        eos_id=eos_id,
-        repetition_penalty=repetition_penalty,
-        no_repeat_ngram_size=no_repeat_ngram_size,
-        suppress_tokens=suppress_tokens,
-        forced_tokens=forced_tokens,
-        forced_eos_id=forced_eos_id,
-    )
+    rule_options = (eos_id, repetition_penalty, no_repeat_ngram_size, suppress_tokens, forced_tokens, forced_eos_id)
+    return _decode(step, cache, start_tokens, pick, max_new_tokens, min_new_tokens, on_tokens, rule_options)
 
 
 @torch.inference_mode()  # no gradients; and a step run in inference mode gives logits changeable only in it
@@ -296,21 +283,8 @@ def sample(
         new = torch.multinomial(logits.softmax(-1), 1, generator=generator)  # (B, 1)
         return new.squeeze(1), logits.log_softmax(-1).gather(1, new).squeeze(1)
 
-    return _decode(
-        step,
-        cache,
-        start_tokens,
-        pick,
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=min_new_tokens,
-        on_tokens=on_tokens,
-        eos_id=eos_id,
-        repetition_penalty=repetition_penalty,
-        no_repeat_ngram_size=no_repeat_ngram_size,
-        suppress_tokens=suppress_tokens,
-        forced_tokens=forced_tokens,
-        forced_eos_id=forced_eos_id,
-    )
+    rule_options = (eos_id, repetition_penalty, no_repeat_ngram_size, suppress_tokens, forced_tokens, forced_eos_id)
+    return _decode(step, cache, start_tokens, pick, max_new_tokens, min_new_tokens, on_tokens, rule_options)
 
 
 @torch.inference_mode()  # no gradients; and a step run in inference mode gives logits changeable only in it
