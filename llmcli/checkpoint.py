@@ -167,6 +167,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Loa
             if name == WEIGHTS_FILE and (directory / "pytorch_model.bin").exists():
                 hint = " (it has pytorch_model.bin: convert it with `llmcli convert`)"
             raise UserError(f"{directory}: missing {name}{hint}")
+    _check_inside(directory)
     cfg = ModelConfig.load(directory / CONFIG_FILE)
     generation = _read_generation(directory)
     source_tokenizer, tokenizer = load_tokenizers(directory, generation)
@@ -179,10 +180,25 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Loa
             f"{directory}: the source tokenizer has {source_tokenizer.vocab_size} tokens but the model's vocabulary is {cfg.vocab_size}"
         )
     tensors = load_weights(directory / WEIGHTS_FILE)
+    stored = sum(t.numel() for t in tensors.values())
+    if cfg.n_parameters > stored:  # refused before the model is allocated: a config can ask for anything
+        raise UserError(
+            f"{directory}: config.json describes {cfg.n_parameters:,} parameters but model.safetensors holds {stored:,} values"
+        )
     model = build_for_loading(cfg, device)
     load_state_into(model, tensors, str(directory / WEIGHTS_FILE))
     model.eval()
     return LoadedModel(model, tokenizer, source_tokenizer, generation, directory)
+
+
+def _check_inside(directory: Path) -> None:
+    """Every file a model directory is read through stays inside it: a link to elsewhere could
+    make loading a model read any file on the machine."""
+    root = directory.resolve()
+    for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, SOURCE_TOKENIZER_FILE, GENERATION_FILE):
+        path = directory / name
+        if path.exists() and not path.resolve().is_relative_to(root):
+            raise UserError(f"{directory}: {name} points outside the model directory, to {path.resolve()}")
 
 
 def load_tokenizers(directory: str | Path, generation: dict | None = None) -> tuple[Tokenizer, Tokenizer]:

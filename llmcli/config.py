@@ -135,6 +135,32 @@ class ModelConfig:
         return self.tgt_vocab_size or self.vocab_size
 
     @property
+    def n_parameters(self) -> int:
+        """The parameter count of the model this config builds (tied matrices once), reckoned
+        without building it: a config can be refused before its weights are allocated."""
+        d, ff, q, kv = self.d_model, self.d_ff, self.n_heads * self.head_dim, self.kv_heads * self.head_dim
+        bias = int(self.bias)
+        norm = d * (2 if self.norm == "layernorm" else 1)
+        attention = d * q + q * bias + 2 * (d * kv + kv * bias) + q * d + d * bias
+        ffn = (2 + self.glu) * d * ff + (1 + self.glu) * ff * bias + d * bias
+
+        def stack(n_layers: int, is_decoder: bool) -> int:
+            cross = is_decoder and self.is_encoder_decoder
+            n = n_layers * (attention * (1 + cross) + ffn + norm * (2 + cross))
+            n += norm * (self.embedding_norm + self.final_norm)
+            n += (self.max_positions + self.position_offset) * d if self.positions == "learned" else 0
+            n += self.relative_buckets * self.n_heads if self.positions == "relative" else 0
+            n += self.type_vocab_size * d if self.type_vocab_size and not is_decoder else 0
+            return n
+
+        if self.architecture == "encoder-only":
+            return self.vocab_size * d + stack(self.n_encoder_layers, False) + 2 * d + 2  # span head
+        n = self.output_vocab_size * d + stack(self.n_decoder_layers, True)
+        if self.is_encoder_decoder:
+            n += stack(self.n_encoder_layers, False) + (0 if self.shared_embeddings else self.vocab_size * d)
+        return n + (0 if self.tied_output else d * self.output_vocab_size)
+
+    @property
     def is_encoder_decoder(self) -> bool:
         return self.architecture == "encoder-decoder"
 

@@ -287,3 +287,16 @@ def test_decoding_a_step_run_in_inference_mode_from_outside_it():
         expected = greedy_search(model.step, model.new_cache(2), start, eos_id=2, max_new_tokens=6, min_new_tokens=2)
     assert [h.tokens for h in greedy] == [h.tokens for h in expected]
     assert all(len(b) == 1 and len(b[0].tokens) >= 2 for b in beams)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("arch", ["encoder-decoder", "decoder-only", "encoder-only"])
+def test_the_config_reckons_the_parameter_count_without_building(arch, variant):
+    if arch == "encoder-only":
+        fields = dict(BASE, **VARIANTS[variant], architecture="encoder-only", n_decoder_layers=0, head="span", type_vocab_size=2)
+        for key in ("tgt_vocab_size", "shared_embeddings", "tied_output", "final_logits_bias"):
+            fields.pop(key, None)
+        model = Transformer(ModelConfig(**fields))
+    else:
+        model = build(arch, **VARIANTS[variant])
+    assert model.cfg.n_parameters == model.num_parameters()
