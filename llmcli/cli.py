@@ -49,9 +49,24 @@ def handle_errors(command: Callable) -> Callable:
     return wrapper
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            number = version("llmcli")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            number = "unknown (not installed)"
+        print(f"llmcli {number}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _global_options(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+    show_version: bool = typer.Option(
+        False, "--version", is_eager=True, callback=_print_version, help="Print llmcli's version and exit."
+    ),
 ) -> None:
     if debug:
         _State.debug = True
@@ -175,7 +190,13 @@ def train(
     reporter.log(f"model saved in {result.out}")
 
 
-MODEL = typer.Option(..., "--model", "-m", help="Model: an llmcli directory, a Hugging Face directory or model id.")
+MODEL = typer.Option(
+    None,
+    "--model",
+    "-m",
+    help="Model: an llmcli directory, a Hugging Face directory or model id (default: $LLMCLI_MODEL, else `llmcli models default TASK`; translate: the demo model).",
+    show_default=False,
+)
 DEVICE = typer.Option("auto", help="auto | cpu | cuda | cuda:N.")
 ON_LONG = typer.Option(None, help="Inputs longer than the model's positions: truncate (default) | error | skip, with a warning.")
 CHUNK_LINES = typer.Option(None, help="Lines read, sorted by length and batched together (default 2000; 1 on a terminal).")
@@ -470,6 +491,83 @@ def info(model: str = MODEL, json_: bool = typer.Option(False, "--json", help="O
         elif isinstance(value, int) and key == "parameters":
             value = f"{value:,}"
         print(f"{key:14} {value}")
+
+
+models_app = typer.Typer(no_args_is_help=False, rich_markup_mode=None)
+app.add_typer(models_app, name="models")
+
+
+@models_app.callback(invoke_without_command=True)
+@handle_errors
+def list_models(ctx: typer.Context, json_: bool = typer.Option(False, "--json", help="One JSON object per model.")) -> None:
+    """List the models on this machine: llmcli's cache (the demo, converted models), stored
+    defaults, and the Hugging Face cache's models llmcli converts; with task, architecture, size.
+
+    Example: llmcli models; llmcli models default translate ~/models/en-de
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    import json
+
+    from llmcli.models import find_models, human_count
+    from llmcli.tasks import TASKS_BY_ARCHITECTURE
+
+    found = find_models(TASKS_BY_ARCHITECTURE)
+    if json_:
+        for entry in found:
+            print(json.dumps(entry.to_dict(), ensure_ascii=False))
+        return
+    if not found:
+        print("llmcli: no models here yet: `llmcli demo` trains one, `llmcli convert` or -m ID brings a Hugging Face model", file=sys.stderr)  # fmt: skip
+        return
+    rows = [("kind", "tasks", "architecture", "parameters", "default for", "model")]
+    rows += [(e.kind, ", ".join(e.tasks), e.architecture or "-", human_count(e.parameters), ", ".join(e.default_for),
+              e.model) for e in found]  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [cell.rjust(w) if i == 3 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))]
+        print("  ".join(cells + [row[-1]]))
+
+
+@models_app.command("default")
+@handle_errors
+def models_default(
+    task: str = typer.Argument(None, help="translate | summarize | qa | generate | chat (none: every stored default)."),
+    model: str = typer.Argument(None, help="The model to store: a directory, or a model id in the Hugging Face cache."),
+    unset: bool = typer.Option(False, "--unset", help="Forget TASK's default."),
+) -> None:
+    """Show or store the model a task runs without -m ($LLMCLI_MODEL overrides it).
+
+    Stored in $XDG_CONFIG_HOME/llmcli/defaults.json (else ~/.config/llmcli/defaults.json).
+
+    Example: llmcli models default translate ~/models/en-de; llmcli models default translate
+    """
+    import os
+
+    from llmcli.models import ENV_VAR, check_task, defaults_path, store_default, stored_defaults
+
+    if task is None:
+        if model is not None or unset:
+            raise UserError("give a TASK")
+        for name, spec in stored_defaults().items():
+            print(f"{name}\t{spec}")
+        return
+    check_task(task)
+    if unset or model is not None:
+        if unset and model is not None:
+            raise UserError("give a MODEL or --unset, not both")
+        stored = store_default(task, None if unset else model)
+        done = f"forgot the default model for {task}" if stored is None else f"default model for {task}: {stored}"
+        print(f"llmcli: {done} (in {defaults_path()})", file=sys.stderr)
+    else:
+        stored = stored_defaults().get(task)
+        if stored is None:
+            print(f"llmcli: no default model for {task}; store one with `llmcli models default {task} MODEL`",
+                  file=sys.stderr)  # fmt: skip
+            raise typer.Exit(1)
+        print(stored)
+    if os.environ.get(ENV_VAR):
+        print(f"llmcli: note: {ENV_VAR}={os.environ[ENV_VAR]} overrides it", file=sys.stderr)
 
 
 @app.command()

@@ -61,6 +61,8 @@ class _Options:
     confidence: bool
     lang: str | None  # None: auto
     model: str | None
+    stride: int | None = None  # perplexity: None, windows that do not overlap
+    per_line: bool | None = None  # perplexity: each line a document
 
 
 # --- checks before any file is read: the --ref and -m a metric needs -----------------------
@@ -154,7 +156,8 @@ def _paired_test(name: str, systems: Systems, refs: Refs, test: str, o: _Options
 def _perplexity(hyps: list[str], refs: None, o: _Options) -> dict:
     from llmcli.tasks import perplexity  # torch: only when a model is scored
 
-    return {"metric": "perplexity", **perplexity(o.model, hyps)}
+    given = {k: v for k, v in (("stride", o.stride), ("per_line", o.per_line)) if v is not None}
+    return {"metric": "perplexity", **perplexity(o.model, hyps, **given)}
 
 
 # --- tables: a result -> its human-readable form ----------------------------------------------
@@ -218,6 +221,13 @@ def _exact_table(r: dict) -> str:
 
 def _perplexity_table(r: dict) -> str:
     rows = [("perplexity", _score(r["score"])), ("loss", f"{r['loss']:.4f} nats/token"), ("tokens", str(r["tokens"]))]
+    if "bits_per_byte" in r:
+        rows.append(("bits per byte", f"{r['bits_per_byte']:.4f} ({r['bytes']} bytes)"))
+    if r.get("per_line"):
+        rows.append(("scoring", "each line a document, [bos] line [eos]"))
+    elif "context" in r:
+        overlap = f"stride {r['stride']}" if r.get("stride") else "windows not overlapping"
+        rows.append(("scoring", f"the text as one stream, context {r['context']} tokens, {overlap}"))
     return _table(r, rows)
 
 
@@ -266,7 +276,7 @@ METRICS = {
     "rouge": _Spec(_needs_refs, _text_refs, _rouge, _rouge_table, ("--tokenize", "--stem", "--confidence")),
     "squad": _Spec(_needs_one_ref, _squad_refs, _squad, _squad_table, ("--lang",)),
     "exact": _Spec(_needs_refs, _text_refs, _exact, _exact_table, ("--lowercase",)),
-    "perplexity": _Spec(_needs_model, _no_refs, _perplexity, _perplexity_table, ("--model",)),
+    "perplexity": _Spec(_needs_model, _no_refs, _perplexity, _perplexity_table, ("--model", "--stride", "--per-line")),
 }
 Metric = Enum("Metric", {name: name for name in METRICS}, type=str)  # the --metric choices, in table order
 
@@ -345,6 +355,17 @@ def eval_command(
     model: str | None = typer.Option(
         None, "--model", "-m", metavar="DIR", help="perplexity: model directory.", show_default=False
     ),
+    stride: int | None = typer.Option(
+        None,
+        "--stride",
+        metavar="S",
+        help="perplexity: windows of the model's context S tokens apart, each scoring its tokens not scored "
+        "before (Hugging Face's strided perplexity) [default: windows that do not overlap].",
+        show_default=False,
+    ),
+    per_line: bool | None = typer.Option(
+        None, "--per-line", help="perplexity: each line a document, [bos] line [eos], instead of one text."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
 ) -> None:
     """Score hypotheses against references: BLEU, chrF, TER (sacrebleu), ROUGE (rouge-score),
@@ -352,7 +373,9 @@ def eval_command(
 
     All scores are on a 0-100 scale. bleu/chrf/ter print sacrebleu's signature; rouge
     prints ROUGE-1/2/L/Lsum F, P, R (headline: ROUGE-L F; Lsum splits sentences after
-    . ! ? and 。！？); squad prints exact match and F1 (headline: F1).
+    . ! ? and 。！？); squad prints exact match and F1 (headline: F1). perplexity
+    scores the file as one text in windows of the model's context, tokenized as the
+    model's tokenizer does, and prints tokens, perplexity, loss and bits per byte.
 
     \b
     Examples:
@@ -362,6 +385,7 @@ def eval_command(
       llmcli eval summaries.txt --ref gold.txt --metric rouge --stem --confidence
       llmcli eval answers.txt --ref cmrc2018_dev.json --metric squad
       llmcli eval held-out.txt --metric perplexity -m runs/lm
+      llmcli eval wiki.txt --metric perplexity -m ~/models/gpt2 --stride 512
     """
     name, spec, ref_paths = metric.value, METRICS[metric.value], list(refs)
     lang_code = None if lang == "auto" else lang  # --lang auto means what not giving it does
@@ -373,6 +397,8 @@ def eval_command(
         "--hyp": more_hyps,
         "--lang": lang_code,
         "--model": model,
+        "--stride": stride,
+        "--per-line": per_line,
     }
     _check_option_use(name, given)
     paths = ([hyp] if hyp is not None else []) + list(more_hyps or []) or [STDIN_NAME]
@@ -382,7 +408,7 @@ def eval_command(
     _route_library_warnings()
     systems = [(_name(path), _read_nonempty(path)) for path in paths]
     references = spec.read_refs(ref_paths, systems)
-    options = _Options(tokenize, bool(lowercase), bool(stem), bool(confidence), lang_code, model)
+    options = _Options(tokenize, bool(lowercase), bool(stem), bool(confidence), lang_code, model, stride, per_line)
     if len(systems) > 1:
         result = _paired_test(name, systems, references, paired, options)
     else:

@@ -15,8 +15,7 @@ from pathlib import Path
 from llmcli import demo_data
 from llmcli.checkpoint import is_model_dir
 from llmcli.io import atomic_write, cache_root
-
-DEMO_NAME = "demo-en-zh-numbers"
+from llmcli.models import DEMO_NAME
 
 # Sized to reach >= 90% exact match on unseen numbers in under 3 minutes on 2 CPU cores.
 DEMO_CONFIG = dict(d_model=128, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, d_ff=256, dropout=0.0, max_positions=64)

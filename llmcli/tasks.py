@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from llmcli import decoding, fast, hub
+from llmcli import decoding, fast, hub, models
 from llmcli.cache import PAD_TOKEN
 from llmcli.checkpoint import LoadedModel, load_model
 from llmcli.data import IGNORE_INDEX, pad_rows
@@ -136,6 +136,7 @@ EMPTY = Output([""], [0.0])
 def open_model(path: str, task: str | None = None, device: str = "cpu") -> LoadedModel:
     """What `-m` names (llmcli or Hugging Face directory, model id), loaded; for `task`, checked
     to run it and prepared for inference (llmcli.fast)."""
+    path = models.model_for(task, path)  # -m left out: $LLMCLI_MODEL, the stored default, the demo
     loaded = load_model(hub.resolve(path), device=device)
     if task is None:
         return loaded
@@ -439,37 +440,115 @@ def generate(
     yield from _in_batches(prompts, settings, encode, decode, extra_tokens=max_new_tokens)
 
 
-def perplexity(model_dir: str, lines: list[str], batch_tokens: int = 8192) -> dict:
-    """Perplexity of a decoder-only model on text, each line a document ([bos] text [eos]).
+def perplexity(spec: str, text_lines: list[str], *, stride: int | None = None, per_line: bool = False,
+               batch_tokens: int = 8192) -> dict:  # fmt: skip
+    """Perplexity of a decoder-only model (`-m` spec) on text, as the field computes it.
 
-    Lines longer than the model's positions are scored in consecutive windows.
+    By default the lines are one text (joined with "\\n"), tokenized as the model's tokenizer
+    does (its prefix, e.g. Llama's <s>; an llmcli model's bos; no eos of our own), and scored
+    in windows of the model's context. Without `stride` the windows do not overlap and every
+    token is scored once (lm-eval-harness's rolling loglikelihood); with it, HF's fixed-length
+    strided loop (https://huggingface.co/docs/transformers/perplexity): windows `stride` tokens
+    apart, each scoring only its tokens not scored before. `per_line`: each line a document,
+    [bos] line [eos], scored on its own.
+
+    Returns perplexity ("score"), the mean loss in nats per token, the tokens scored, bits per
+    byte (total nats / ln 2 / UTF-8 bytes of the text: comparable across tokenizers), the
+    context and stride used, and the lines read ("n").
     """
-    return _perplexity(open_model(model_dir, "generate"), lines, batch_tokens)
+    if stride is not None and stride < 1:
+        raise UserError(f"--stride {stride} must be at least 1")
+    if per_line and stride is not None:
+        raise UserError("--stride windows the text as one stream; --per-line scores each line on its own")
+    if batch_tokens < 1:
+        raise UserError(f"batch_tokens {batch_tokens} must be at least 1")
+    if not per_line and not any(text_lines):
+        raise UserError("no text to score: every line is empty")
+    loaded = open_model(spec, "generate")
+    if per_line:
+        return _perplexity(loaded, text_lines, batch_tokens)
+    return _stream_perplexity(loaded, text_lines, stride, batch_tokens)
+
+
+Window = tuple[int, int, int]  # (a, b, c): input ids[a:b], predicting ids[a+1:b+1], scoring the targets from ids[c]
+
+
+def rolling_windows(n: int, context: int) -> list[Window]:
+    """Consecutive windows of `context` inputs over `n` tokens, each predicting the `context`
+    tokens after the previous one's: every token but the first scored once, with the context
+    lm-eval-harness's `get_rolling_token_windows` gives."""
+    return [(a, min(a + context, n - 1), a + 1) for a in range(0, n - 1, context)]
+
+
+def strided_windows(n: int, context: int, stride: int) -> list[Window]:
+    """HF's fixed-length strided loop: windows of `context` tokens starting `stride` apart, each
+    scoring its tokens after the previous window's end. HF also feeds a window's last token as
+    input, whose logits nothing uses; here it is only a target, which leaves the scores as they
+    are. As in HF's loop, a stride equal to the context leaves each later window's first token
+    unscored (it has no context in its window)."""
+    windows, previous_end = [], 0
+    for begin in range(0, n, stride):
+        end = min(begin + context, n)
+        first = max(previous_end, begin + 1)
+        if first < end:
+            windows.append((begin, end - 1, first))
+        previous_end = end
+        if end == n:
+            break
+    return windows
+
+
+def _stream_perplexity(loaded: LoadedModel, lines: list[str], stride: int | None, batch_tokens: int) -> dict:
+    cfg, tok = loaded.config, loaded.tokenizer
+    context = cfg.max_positions
+    if stride is not None and stride > context:
+        raise UserError(f"--stride {stride} is larger than the model's context of {context} tokens")
+    text = "\n".join(lines)
+    # What the model's tokenizer puts around a text, as in `generate` (Llama: <s>, GPT-2: nothing); ours: bos
+    prefix = loaded.generation.get("prompt_prefix", [cfg.bos_id])
+    suffix = loaded.generation.get("prompt_suffix", [])
+    ids = prefix + tok.encode(text) + suffix
+    if len(ids) < 2:
+        raise UserError("no text to score: one token, and the model's tokenizer adds none before it")
+    windows = rolling_windows(len(ids), context) if stride is None else strided_windows(len(ids), context, stride)
+    total, count = _score_windows(loaded, [(ids, w) for w in windows], batch_tokens)
+    n_bytes = len(text.encode("utf-8"))
+    return {"score": math.exp(total / count), "loss": total / count, "tokens": count,
+            "bits_per_byte": total / math.log(2) / n_bytes, "bytes": n_bytes, "context": context,
+            "stride": stride, "per_line": False, "n": len(lines)}  # fmt: skip
+
+
+def _perplexity(loaded: LoadedModel, lines: list[str], batch_tokens: int) -> dict:
+    """Each line a document, [bos] line [eos]; a line longer than the context in rolling windows."""
+    cfg = loaded.config
+    rows = []
+    for ids in loaded.tokenizer.encode_batch(lines):
+        seq = [cfg.bos_id] + ids + [cfg.eos_id]
+        rows += [(seq, w) for w in rolling_windows(len(seq), cfg.max_positions)]
+    total, count = _score_windows(loaded, rows, batch_tokens)
+    if count == 0:
+        raise UserError("no text to score: every line is empty")
+    n_bytes = sum(len(line.encode("utf-8")) + 1 for line in lines)  # each line and its end, which the eos scores
+    return {"score": math.exp(total / count), "loss": total / count, "tokens": count,
+            "bits_per_byte": total / math.log(2) / n_bytes, "bytes": n_bytes, "context": cfg.max_positions,
+            "stride": None, "per_line": True, "n": len(lines)}  # fmt: skip
 
 
 @torch.inference_mode()
-def _perplexity(loaded: LoadedModel, lines: list[str], batch_tokens: int) -> dict:
-    model, cfg, tok = loaded.model, loaded.config, loaded.tokenizer
-    sequences = []
-    for ids in tok.encode_batch(lines):
-        seq = [cfg.bos_id] + ids + [cfg.eos_id]
-        window = cfg.max_positions
-        for begin in range(0, len(seq) - 1, window):
-            sequences.append(seq[begin : begin + window + 1])
+def _score_windows(loaded: LoadedModel, rows: list[tuple[list[int], Window]], batch_tokens: int) -> tuple[float, int]:
+    """The summed negative log-likelihood (nats) of the targets each (ids, window) scores, and their count."""
+    model, cfg = loaded.model, loaded.config
     total, count = 0.0, 0
-    for batch in _token_batches([len(s) for s in sequences], batch_tokens, 1):
-        seqs = [sequences[i] for i in batch]
-        tokens = pad_rows([s[:-1] for s in seqs], cfg.pad_id)
-        labels = pad_rows([s[1:] for s in seqs], IGNORE_INDEX)
+    for batch in _token_batches([b - a + 1 for _, (a, b, _) in rows], batch_tokens, 1):
+        picked = [rows[i] for i in batch]
+        tokens = pad_rows([ids[a:b] for ids, (a, b, _) in picked], cfg.pad_id)
+        labels = pad_rows([[IGNORE_INDEX] * (c - a - 1) + ids[c : b + 1] for ids, (a, b, c) in picked], IGNORE_INDEX)
         logits = model(tokens.to(model.device)).float()
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).to(model.device),
                                                  ignore_index=IGNORE_INDEX, reduction="sum")  # fmt: skip
         total += loss.item()
         count += int((labels != IGNORE_INDEX).sum())
-    if count == 0:
-        raise UserError("no text to score: every line is empty")
-    mean = total / count
-    return {"score": math.exp(mean), "loss": mean, "tokens": count, "n": len(lines)}
+    return total, count
 
 
 def describe(loaded: LoadedModel) -> dict:

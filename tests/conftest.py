@@ -25,10 +25,13 @@ TINY_CONFIG = set_args(TINY_FIELDS)
 
 @pytest.fixture(autouse=True)
 def isolated_user_state(tmp_path_factory, monkeypatch):
-    """No test reads or writes the real ~/.cache or Hugging Face cache."""
+    """No test reads or writes the real ~/.cache, ~/.config or Hugging Face cache."""
     home = tmp_path_factory.mktemp("home")
     monkeypatch.setenv("LLMCLI_CACHE", str(home / "llmcli-cache"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / "config"))
+    monkeypatch.delenv("LLMCLI_MODEL", raising=False)
     monkeypatch.setenv("HF_HOME", str(home / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("LLMCLI_DEBUG", raising=False)
     from llmcli.io import settings

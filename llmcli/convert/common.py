@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -113,7 +114,9 @@ def _load_pickle(path: Path) -> dict[str, Tensor]:
         raise UserError(f"{path}: no such file")
     try:
         # weights_only: the unpickler accepts tensors and plain containers, never arbitrary callables
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # its note on pickle protocols is noise beside the verdict
+            warnings.simplefilter("ignore")
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: refused: not a plain tensor checkpoint ({reason[:160]})") from None
