@@ -250,6 +250,8 @@ def _seq2seq_command(task, files, model, device, quiet, fmt, output, **settings)
     from llmcli.tasks import DecodeSettings, open_model, seq2seq
 
     _set_quiet(quiet)
+    if fmt == "text" and (settings.get("n_best") or 1) > 1:  # text is one line per input, for pipelines
+        raise UserError(f"--n-best {settings['n_best']} needs --format jsonl or tsv: text gives one line per input")
     if not files and sys.stdin.isatty():
         settings["chunk_lines"] = 1  # someone is typing: answer each line as it comes
     decode = DecodeSettings(**settings)

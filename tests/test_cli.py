@@ -71,7 +71,9 @@ def test_n_best_formats(tiny_model):
     )
     record = json.loads(jl.stdout)
     assert record["index"] == 0 and len(record["hypotheses"]) == 2
-    bad = runner.invoke(app, ["translate", "-m", str(tiny_model), "--n-best", "3", "--beam", "2"], input="x\n")
+    text = runner.invoke(app, ["translate", "-m", str(tiny_model), "--beam", "3", "--n-best", "2"], input="seven\n")
+    assert text.exit_code == 2 and "--n-best 2 needs --format jsonl or tsv" in text.output  # one line per input
+    bad = runner.invoke(app, ["translate", "-m", str(tiny_model), "--n-best", "3", "--beam", "2", "--format", "tsv"], input="x\n")
     assert bad.exit_code == 2 and "--n-best 3 needs --beam" in bad.output
 
 

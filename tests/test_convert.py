@@ -384,6 +384,23 @@ def test_cli_on_text_matches_transformers(hf_models, family, command, tmp_path):
     assert len(set(mine)) >= 4
 
 
+def test_a_tokenizer_that_adds_no_special_tokens_feeds_the_encoder_as_transformers_does(hf_models, tmp_path):
+    """llmcli appended </s> to every source whatever the tokenizer did; transformers feeds the
+    tokenizer's ids as they are."""
+    d, hf, _ = hf_models("bart")
+    d = copy_dir(d, tmp_path / "bare")
+    tok = json.loads((d / "tokenizer.json").read_text())
+    tok["post_processor"] = None
+    (d / "tokenizer.json").write_text(json.dumps(tok))
+    fast = transformers.AutoTokenizer.from_pretrained(d)
+    texts = sentences(N_INPUTS, 23)
+    assert fast(texts[0])["input_ids"] == fast(texts[0], add_special_tokens=False)["input_ids"]
+    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
+    mine = run("summarize", "-m", str(d), str(tmp_path / "in.txt"), "-q")
+    assert mine == hf_text(fast, hf, texts)
+    assert tasks.open_model(str(d), "summarize").generation["source_suffix"] == []
+
+
 @pytest.mark.parametrize("family", DECODER_ONLY)
 def test_cli_generate_matches_transformers(hf_models, family, tmp_path):
     d, hf, fast = hf_models(family)

@@ -29,6 +29,7 @@ from llmcli.checkpoint import LoadedModel, build_for_loading, load_state_into, m
 from llmcli.convert import bart, bert, gpt2, llama, marian, t5
 from llmcli.convert.common import (
     apply_map,
+    chat_settings,
     generation_settings,
     hf_tokenizer,
     read_generation_config,
@@ -38,7 +39,8 @@ from llmcli.convert.common import (
 from llmcli.errors import UserError
 from llmcli.model import Transformer
 
-VERSION = "1"  # bump when a family's output changes: converted models cached by hub.py are redone
+VERSION = "3"  # bump when a family's output changes: converted models cached by hub.py are redone
+# (3: chat templates, stop ids and sampling defaults in generation.json)
 
 FAMILIES: dict[str, ModuleType] = {model_type: family for family in (marian, bart, t5, gpt2, llama, bert)
                                    for model_type in family.MODEL_TYPES}  # fmt: skip
@@ -101,10 +103,11 @@ def convert(src: str | Path) -> LoadedModel:
         generation["task"] = family.TASK
     if cfg.architecture == "encoder-decoder":
         generation["source_prefix"] = tok_facts["prefix"]
-        generation["source_suffix"] = tok_facts["suffix"] or [cfg.eos_id]
+        generation["source_suffix"] = tok_facts["suffix"]  # what the tokenizer adds, as transformers feeds it
     elif cfg.architecture == "decoder-only":
         generation["prompt_prefix"] = tok_facts["prefix"]
         generation["prompt_suffix"] = tok_facts["suffix"]
+        generation.update(chat_settings(src, tokenizer.hf, gen, cfg))
     if cfg.architecture != "encoder-only":
         generation.update(generation_settings(gen, cfg))
     return LoadedModel(model, tokenizer, source_tokenizer, generation, src)
