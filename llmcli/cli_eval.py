@@ -371,7 +371,7 @@ def eval_command(
     """Score hypotheses against references: BLEU, chrF, TER (sacrebleu), ROUGE (rouge-score),
     SQuAD exact match / F1, exact line match, or a model's perplexity.
 
-    All scores are on a 0-100 scale. bleu/chrf/ter print sacrebleu's signature; rouge
+    Scores are on a 0-100 scale, but perplexity. bleu/chrf/ter print sacrebleu's signature; rouge
     prints ROUGE-1/2/L/Lsum F, P, R (headline: ROUGE-L F; Lsum splits sentences after
     . ! ? and 。！？); squad prints exact match and F1 (headline: F1). perplexity
     scores the file as one text in windows of the model's context, tokenized as the
