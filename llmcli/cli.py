@@ -365,6 +365,8 @@ def generate(
     repetition_penalty: float = typer.Option(None, help="CTRL repetition penalty (default 1: off)."),
     seed: int = typer.Option(None, help="Random seed: same seed, same text."),
     echo: bool = typer.Option(False, help="Print the prompt before its continuation."),
+    as_chat: bool = typer.Option(False, "--chat", help="Each prompt is one user message in the model's chat template."),
+    system: str = typer.Option(None, "--system", help="With --chat: a system message before each prompt."),
     fmt: str = typer.Option("text", "--format", help="text (newlines become spaces with --input) | jsonl."),
     output: str = OUTPUT,
     on_long: str = ON_LONG,
@@ -374,6 +376,8 @@ def generate(
     """Continue text with a decoder-only model; streams to a terminal as it is produced.
 
     Example: llmcli generate -m shakespeare "ROMEO:" --max-new-tokens 60 --seed 1
+
+    Example: llmcli generate -m HuggingFaceTB/SmolLM2-135M-Instruct --chat "What is the capital of France?"
     """
     from llmcli.device import resolve_device
     from llmcli.tasks import DecodeSettings, open_model
@@ -384,7 +388,12 @@ def generate(
         raise UserError("give either a PROMPT or --input FILE")
     settings = DecodeSettings(sample=None if greedy is None else not greedy, temperature=temperature, top_k=top_k,
                               top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, on_long=on_long)  # fmt: skip
+    if system is not None and not as_chat:
+        raise UserError("--system needs --chat")
     loaded = open_model(model, "generate", device=resolve_device(device))
+    if as_chat:
+        _generate_chat(loaded, prompt, input, settings, max_new_tokens, system, echo, fmt, output, quiet)
+        return
     if prompt is not None:
         stream = output is None and fmt == "text" and sys.stdout.isatty()
         shown = [0]
@@ -419,11 +428,38 @@ def generate(
     _write_outputs(results, fmt, output, quiet, "generate")
 
 
+def _generate_chat(loaded, prompt, input, settings, max_new_tokens, system, echo, fmt, output, quiet) -> None:
+    """`generate --chat`: each prompt one user message of its own conversation."""
+    from llmcli.tasks import ChatSession, Output
+
+    session = ChatSession(loaded, settings, max_new_tokens, system)
+    if not session.templated:
+        raise UserError(f"{loaded.path} has no chat template; without --chat, generate continues the text")
+    if prompt is not None and output is None and fmt == "text" and sys.stdout.isatty():
+        session.reply(prompt, on_text=lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+        sys.stdout.write("\n")
+        return
+    if prompt is not None and fmt == "text":  # one reply, whole, newlines and all, as generate prints one
+        from llmcli.io import output_lines
+
+        reply = session.reply(prompt)
+        with output_lines(output) as writer:
+            writer.stream.write((prompt + "\n" if echo else "") + reply + "\n")
+        return
+    prompts = [prompt] if prompt is not None else list(_input_lines([input]))
+    results = session.each_alone(prompts)
+    if echo:
+        results = (Output([p + "\n" + r.text], r.scores) for p, r in zip(prompts, results))
+    _write_outputs(results, fmt, output, quiet, "generate")
+
+
 @app.command()
 @handle_errors
 def chat(
     model: str = MODEL,
+    system: str = typer.Option(None, "--system", help="A system message to begin with (/system TEXT changes it)."),
     max_new_tokens: int = typer.Option(100, help="Most tokens per reply."),
+    greedy: bool = typer.Option(None, "--greedy", help="Pick the most likely token (default: sample)."),
     temperature: float = TEMPERATURE,
     top_k: int = TOP_K,
     top_p: float = TOP_P,
@@ -431,19 +467,26 @@ def chat(
     device: str = DEVICE,
     quiet: bool = QUIET,
 ) -> None:
-    """Talk with a decoder-only model: one line in, one line out. /reset forgets, /exit or Ctrl-D ends.
+    """Talk with a decoder-only model, a message a line. A model with a chat template (a Hugging
+    Face instruct model) gets the conversation in it, as transformers' apply_chat_template
+    writes it, and replies until its end-of-turn token, over several lines if it likes; sampling
+    defaults come from its generation_config.json. Without a template: plain text, one line out.
+    /system TEXT sets the system message (/system alone removes it), /reset forgets the turns,
+    /exit or Ctrl-D ends.
 
-    Example: llmcli chat -m shakespeare
+    Example: llmcli chat -m HuggingFaceTB/SmolLM2-135M-Instruct --system "Answer briefly."
     """
     from llmcli.device import resolve_device
     from llmcli.tasks import ChatSession, DecodeSettings, open_model
 
     _set_quiet(quiet)
-    settings = DecodeSettings(sample=True, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    session = ChatSession(open_model(model, "chat", device=resolve_device(device)), settings, max_new_tokens)
+    settings = DecodeSettings(sample=None if greedy is None else not greedy, temperature=temperature, top_k=top_k,
+                              top_p=top_p, seed=seed)  # fmt: skip
+    session = ChatSession(open_model(model, "chat", device=resolve_device(device)), settings, max_new_tokens, system)
     interactive = sys.stdin.isatty()
     if interactive and not quiet:
-        print("chat: /reset forgets the conversation, /exit or Ctrl-D ends it", file=sys.stderr)
+        print("chat: /system TEXT sets the system message, /reset forgets the conversation, /exit or Ctrl-D ends it",
+              file=sys.stderr)  # fmt: skip
     while True:
         if interactive:
             print("> ", end="", file=sys.stderr, flush=True)
@@ -453,12 +496,18 @@ def chat(
                 print(file=sys.stderr)
             return
         message = line.rstrip("\r\n")
-        if message.strip() == "/exit":
+        command = message.strip()
+        if command == "/exit":
             return
-        if message.strip() == "/reset":
+        if command == "/reset":
             session.reset()
             if interactive and not quiet:
                 print("(conversation reset)", file=sys.stderr)
+            continue
+        if command == "/system" or command.startswith("/system "):
+            session.set_system(command[len("/system") :].strip() or None)
+            if interactive and not quiet:
+                print("(system message set)" if session.conversation.system else "(no system message)", file=sys.stderr)
             continue
 
         def show(text: str) -> None:

@@ -124,6 +124,7 @@ class _Rules:
     suppress_tokens: tuple[int, ...]
     ban_eos_until: int  # max of min_new_tokens over rows; these bounds spare a sync per step
     force_eos_from: int  # min of max_new_tokens over rows, minus 1
+    stop_ids: tuple[int, ...] = ()  # more ids that end a row as eos_id does
 
     @property
     def reads_history(self) -> bool:
@@ -139,6 +140,8 @@ class _Rules:
             scores = ban_repeated_ngrams(scores, history, self.no_repeat_ngram_size)
         if t < self.ban_eos_until:
             scores[:, self.eos_id].masked_fill_(t < min_new, -math.inf)  # = ban_tokens(scores, [eos], rows=...)
+            for stop in self.stop_ids:  # HF bans every one of a list of eos ids
+                scores[:, stop].masked_fill_(t < min_new, -math.inf)
         if t < len(self.forced_tokens):
             scores = force_token(scores, self.forced_tokens[t])
         if self.forced_eos_id is not None and t >= self.force_eos_from:
@@ -157,6 +160,7 @@ def _rules(
     forced_eos_id: int | None,
     min_new: Tensor,
     max_new: Tensor,
+    stop_ids: Sequence[int] = (),
 ) -> _Rules:
     return _Rules(
         eos_id,
@@ -167,6 +171,7 @@ def _rules(
         tuple(suppress_tokens),
         ban_eos_until=int(min_new.max()),
         force_eos_from=int(max_new.min()) - 1,
+        stop_ids=tuple(i for i in stop_ids if i != eos_id),
     )
 
 
@@ -178,11 +183,12 @@ def _per_row(value: PerRow, n: int, device: torch.device, name: str) -> Tensor:
     return rows
 
 
-def _strip_eos(tokens: list[int], eos_id: int) -> list[int]:
-    return tokens[:-1] if tokens and tokens[-1] == eos_id else tokens
+def _strip_eos(tokens: list[int], eos_id: int, stop_ids: Sequence[int] = ()) -> list[int]:
+    return tokens[:-1] if tokens and (tokens[-1] == eos_id or tokens[-1] in stop_ids) else tokens
 
 
-def _decode(step, cache, start_tokens, pick, max_new_tokens, min_new_tokens, on_tokens, rule_options: tuple):
+def _decode(step, cache, start_tokens, pick, max_new_tokens, min_new_tokens, on_tokens, rule_options: tuple,
+            stop_ids: Sequence[int] = ()):  # fmt: skip
     """One token per row per step; `pick(scores (B, V)) -> (tokens (B,), log-probs (B,))`."""
     B, P = start_tokens.shape
     device = start_tokens.device
@@ -192,7 +198,8 @@ def _decode(step, cache, start_tokens, pick, max_new_tokens, min_new_tokens, on_
         return []
     if int(max_new.min()) < 1:
         raise ValueError("max_new_tokens must be >= 1")
-    rules = _rules(*rule_options, min_new, max_new)
+    rules = _rules(*rule_options, min_new, max_new, stop_ids)
+    ends = torch.tensor((rules.eos_id, *rules.stop_ids), device=device)
     rows = list(range(B))  # original index of each live row
     history = start_tokens  # (B, P + t)
     scores = torch.zeros(B, device=device)
@@ -205,11 +212,11 @@ def _decode(step, cache, start_tokens, pick, max_new_tokens, min_new_tokens, on_
         history = torch.cat([history, new[:, None]], dim=1)
         if on_tokens is not None:
             on_tokens(rows, new.tolist())
-        done = (new == rules.eos_id) | (t + 1 >= max_new)
+        done = torch.isin(new, ends) | (t + 1 >= max_new)
         if done.any():
             gone = done.nonzero().squeeze(1)
             for i, toks, score in zip(gone.tolist(), history[gone, P:].tolist(), scores[gone].tolist()):
-                results[rows[i]] = Hypothesis(_strip_eos(toks, rules.eos_id), score)
+                results[rows[i]] = Hypothesis(_strip_eos(toks, rules.eos_id, rules.stop_ids), score)
             keep = (~done).nonzero().squeeze(1)
             if keep.numel() == 0:
                 break
@@ -235,16 +242,18 @@ def greedy_search(
     forced_tokens: Sequence[int] = (),
     forced_eos_id: int | None = None,
     on_tokens: OnTokens | None = None,
+    stop_ids: Sequence[int] = (),
 ) -> list[Hypothesis]:
     """HF `generate(do_sample=False, num_beams=1)`. The score sums the log-softmax of the processed
-    logits at the chosen tokens (HF's `compute_transition_scores(normalize_logits=True)`)."""
+    logits at the chosen tokens (HF's `compute_transition_scores(normalize_logits=True)`).
+    `stop_ids` end a row as `eos_id` does (HF's `eos_token_id` as a list: end-of-turn tokens)."""
 
     def pick(logits: Tensor) -> tuple[Tensor, Tensor]:
         new = logits.argmax(-1)
         return new, torch.log_softmax(logits, -1, out=logits).gather(1, new[:, None]).squeeze(1)  # in place: see _Rules
 
     rule_options = (eos_id, repetition_penalty, no_repeat_ngram_size, suppress_tokens, forced_tokens, forced_eos_id)
-    return _decode(step, cache, start_tokens, pick, max_new_tokens, min_new_tokens, on_tokens, rule_options)
+    return _decode(step, cache, start_tokens, pick, max_new_tokens, min_new_tokens, on_tokens, rule_options, stop_ids)
 
 
 @torch.inference_mode()  # no gradients; and a step run in inference mode gives logits changeable only in it
@@ -266,10 +275,11 @@ def sample(
     forced_tokens: Sequence[int] = (),
     forced_eos_id: int | None = None,
     on_tokens: OnTokens | None = None,
+    stop_ids: Sequence[int] = (),
 ) -> list[Hypothesis]:
     """HF `generate(do_sample=True, num_beams=1)`: processors, then temperature, top-k, top-p, then
     one multinomial draw per live row. The score sums the log-probs of the distribution drawn from.
-    Draws depend on the seed and on which rows are still live, as in HF."""
+    Draws depend on the seed and on which rows are still live, as in HF. `stop_ids`: as in greedy_search."""
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0 (use greedy_search)")
 
@@ -284,7 +294,7 @@ def sample(
         return new.squeeze(1), logits.log_softmax(-1).gather(1, new).squeeze(1)
 
     rule_options = (eos_id, repetition_penalty, no_repeat_ngram_size, suppress_tokens, forced_tokens, forced_eos_id)
-    return _decode(step, cache, start_tokens, pick, max_new_tokens, min_new_tokens, on_tokens, rule_options)
+    return _decode(step, cache, start_tokens, pick, max_new_tokens, min_new_tokens, on_tokens, rule_options, stop_ids)
 
 
 @torch.inference_mode()  # no gradients; and a step run in inference mode gives logits changeable only in it

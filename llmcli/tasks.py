@@ -192,6 +192,7 @@ def _decode_batch(
     settings: DecodeSettings,
     suppress: tuple[int, ...],
     on_tokens=None,
+    stop_ids: tuple[int, ...] = (),
 ) -> list[list[decoding.Hypothesis]]:
     cfg, gen = loaded.config, loaded.generation
     # A converted model's forced first and last tokens (BART's <s>, Marian's </s>), as HF's generate forces them
@@ -204,10 +205,11 @@ def _decode_batch(
         if settings.seed is not None:
             generator = torch.Generator(device=start.device).manual_seed(settings.seed)
         hyps = decoding.sample(step, cache, start, temperature=settings.temperature, top_k=settings.top_k or None,
-                               top_p=settings.top_p, generator=generator, on_tokens=on_tokens, **rules)  # fmt: skip
+                               top_p=settings.top_p, generator=generator, on_tokens=on_tokens, stop_ids=stop_ids,
+                               **rules)  # fmt: skip
         return [[h] for h in hyps]
     if settings.beam_size <= 1:
-        return [[h] for h in decoding.greedy_search(step, cache, start, on_tokens=on_tokens, **rules)]
+        return [[h] for h in decoding.greedy_search(step, cache, start, on_tokens=on_tokens, stop_ids=stop_ids, **rules)]
     return decoding.beam_search(step, cache, start, beam_size=settings.beam_size, n_best=settings.n_best,
                                 length_penalty=settings.length_penalty, early_stopping=settings.early_stopping,
                                 **rules)  # fmt: skip
@@ -573,23 +575,120 @@ def describe(loaded: LoadedModel) -> dict:
 
 
 class ChatSession:
-    """A conversation with a decoder-only model: the history is plain text, each turn a line,
-    kept within the context window by dropping the oldest tokens."""
+    """A conversation with a decoder-only model.
 
-    def __init__(self, loaded: LoadedModel, settings: DecodeSettings, max_new_tokens: int = 100):
+    With a chat template (generation.json "chat_template"), the conversation is a list of turns
+    rendered as transformers' `apply_chat_template(messages, add_generation_prompt=True)` renders
+    it, tokenized as it is (the template writes the special tokens; nothing is added); a reply
+    ends at any of the model's stop ids (generation.json "stop_ids") and may span lines. When the
+    context fills, whole turns are dropped from the oldest; the system message stays.
+    Without a template, the history is plain text, each turn a line, kept within the context by
+    dropping the oldest tokens, and a reply is one line."""
+
+    def __init__(self, loaded: LoadedModel, settings: DecodeSettings, max_new_tokens: int = 100, system: str | None = None):
+        from llmcli import chat
+
+        if max_new_tokens < 1:
+            raise UserError("--max-new-tokens must be at least 1")
         self.loaded = loaded
-        self.settings = settings
+        settings = with_defaults(settings, loaded, "chat")
+        self.settings = dataclasses.replace(settings, beam_size=1)  # a reply is streamed: one hypothesis
         self.max_new_tokens = min(max_new_tokens, loaded.config.max_positions // 2)
-        self.history = ""
+        self.template = chat.template_of(loaded.generation)
+        self.conversation = chat.Conversation(system or None)
+        cfg = loaded.config
+        self.stop_ids = tuple(loaded.generation.get("stop_ids") or [cfg.eos_id])
+        self.history = ""  # without a template: the turns so far, a line each (the system line apart)
+        if self.template is not None:  # a template that refuses a first message (or the system one) says so now
+            self.template.render(self.conversation.messages("hello"))
+
+    @property
+    def templated(self) -> bool:
+        return self.template is not None
 
     def reset(self) -> None:
+        """Forget the turns; the system message stays."""
+        self.conversation.reset()
         self.history = ""
 
+    def set_system(self, text: str | None) -> None:
+        """A new system message (None or "": none); the turns so far stay."""
+        self.conversation.system = text or None
+
+    def prompt_ids(self, message: str) -> list[int]:
+        """The ids the model reads to answer `message` (trimming the conversation if need be)."""
+        from llmcli import chat
+
+        room = self.loaded.config.max_positions - self.max_new_tokens
+        return chat.prompt_ids(self.template, self.conversation, message, self._encode_with_control_tokens, room)
+
+    def _encode_with_control_tokens(self, text: str) -> list[int]:
+        # The rendered template spells its control tokens (<|im_start|>); as transformers' default
+        # (sanitize_control_tokens=False) they are read as such, also where a message spells them.
+        hf = self.loaded.tokenizer.hf
+        hf.encode_special_tokens = False
+        try:
+            return hf.encode(text, add_special_tokens=False).ids
+        finally:
+            hf.encode_special_tokens = True
+
+    def each_alone(self, messages: Iterable[str]) -> Iterator[Output]:
+        """The reply to each message as the first of its own conversation (the system message
+        kept); empty in, empty out."""
+        for message in messages:
+            if not message.strip():
+                yield EMPTY
+                continue
+            self.reset()
+            text = self.reply(message)
+            yield Output([text], [0.0])
+        self.reset()
+
     def reply(self, message: str, on_text: Callable[[str], None] | None = None) -> str:
+        """The model's reply to `message`, added to the conversation; `on_text(new_text)` streams it."""
+        if not self.templated:
+            return self._plain_reply(message, on_text)
+        ids = self.prompt_ids(message)
+        text = self._decode(ids, on_text)
+        self.conversation.add(message, text)
+        return text
+
+    @torch.inference_mode()
+    def _decode(self, ids: list[int], on_text: Callable[[str], None] | None) -> str:
+        loaded, tok = self.loaded, self.loaded.tokenizer
+        model = loaded.model
+        start = torch.tensor([ids], dtype=torch.long, device=model.device)
+        produced: list[int] = []
+        shown = [""]
+        stops = set(self.stop_ids)
+
+        def on_tokens(rows, tokens):
+            if tokens[0] in stops:
+                return
+            produced.append(tokens[0])
+            text = tok.decode(produced)
+            if on_text is not None and not text.endswith("\ufffd") and text.startswith(shown[0]) and text != shown[0]:
+                on_text(text[len(shown[0]) :])  # a partial UTF-8 character waits for its next bytes
+                shown[0] = text
+
+        hyps = _decode_batch(loaded, model.step, model.new_cache(1), start, self.max_new_tokens, self.settings,
+                             _suppressed(loaded), on_tokens, stop_ids=self.stop_ids)  # fmt: skip
+        text = tok.decode(hyps[0][0].tokens)
+        if on_text is not None and text.startswith(shown[0]) and text != shown[0]:
+            on_text(text[len(shown[0]) :])
+        return text
+
+    def _plain_reply(self, message: str, on_text: Callable[[str], None] | None) -> str:
         tok, cfg = self.loaded.tokenizer, self.loaded.config
-        prompt_ids = tok.encode(self.history + message + "\n")
-        room = cfg.max_positions - self.max_new_tokens - 1
-        prompt = tok.decode(prompt_ids[-room:]) if len(prompt_ids) > room else self.history + message + "\n"
+        system = self.conversation.system
+        head = f"{system}\n" if system else ""  # kept whole; the oldest of the rest gives way
+        body = self.history + message + "\n"
+        room = cfg.max_positions - self.max_new_tokens - 1 - len(tok.encode(head))
+        if room < 1:
+            raise UserError(f"the system message leaves no room in the model's {cfg.max_positions} positions")
+        body_ids = tok.encode(body)
+        if len(body_ids) > room:
+            body = tok.decode(body_ids[-room:])
         shown = [""]
 
         def stream(row, text):
@@ -599,9 +698,9 @@ class ChatSession:
                 on_text(line[len(shown[0]) :])
                 shown[0] = line
 
-        result = next(generate(self.loaded, [prompt], self.settings, self.max_new_tokens, on_text=stream, task="chat"))
+        result = next(generate(self.loaded, [head + body], self.settings, self.max_new_tokens, on_text=stream, task="chat"))
         answer = result.text.split("\n", 1)[0]
         if on_text is not None and len(answer) > len(shown[0]):
             on_text(answer[len(shown[0]) :])
-        self.history = prompt + answer + "\n"
+        self.history = body + answer + "\n"
         return answer

@@ -75,7 +75,13 @@ def read_generation_config(src: Path, hf: dict) -> dict:
         except json.JSONDecodeError as e:
             raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
         gen.update({k: v for k, v in data.items() if k in keys and v is not None})
+        # Sampling defaults are read from generation_config.json only: old config.json files carry
+        # every default of their day (do_sample false, temperature 1), not choices of the model
+        gen.update({k: data[k] for k in _SAMPLING_KEYS if data.get(k) is not None})
     return gen
+
+
+_SAMPLING_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
 
 
 _REFUSED = ("tf_model.h5", "flax_model.msgpack", "model.ckpt.index", "consolidated.00.pth", "model.onnx")
@@ -258,7 +264,7 @@ def token_ids(hf: dict, gen: dict) -> dict[str, int | None]:
     pad = first(gen.get("pad_token_id", hf.get("pad_token_id")))
     start = gen.get("decoder_start_token_id", hf.get("decoder_start_token_id"))
     if isinstance(gen.get("eos_token_id"), list) and len(gen["eos_token_id"]) > 1:
-        warn(f"the model has several end tokens {gen['eos_token_id']}; llmcli stops at the first, {eos}")
+        warn(f"the model has several end tokens {gen['eos_token_id']}; llmcli's generate stops at the first, {eos}; chat at any")
     pad = eos if pad is None else pad
     if bos is None:  # T5, Marian: no start-of-text token; the decoder start stands in
         bos = start if start is not None else eos
@@ -291,9 +297,94 @@ def generation_settings(gen: dict, cfg: ModelConfig) -> dict:
             decode["max_len"] = max(1, gen["max_length"] - 1)
         if gen.get("min_length"):
             decode["min_len"] = max(0, gen["min_length"] - 1)
+    if cfg.architecture == "decoder-only":
+        decode.update(_sampling_settings(gen))
     if decode:
         out["decode"] = decode
     return out
+
+
+def _sampling_settings(gen: dict) -> dict:
+    """do_sample, temperature, top_k, top_p, repetition_penalty of generation_config.json, as
+    DecodeSettings fields; a value llmcli would refuse is left out, with a warning."""
+    out: dict = {}
+    if isinstance(gen.get("do_sample"), bool):
+        out["sample"] = gen["do_sample"]
+    checks = {"temperature": lambda v: v > 0, "top_k": lambda v: isinstance(v, int) and v >= 0,
+              "top_p": lambda v: 0 < v <= 1, "repetition_penalty": lambda v: v > 0}  # fmt: skip
+    for key, ok in checks.items():
+        value = gen.get(key)
+        if value is None:
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and ok(value):
+            out[key] = value
+        else:
+            warn(f"generation_config.json: {key}={value!r} ignored (llmcli cannot sample with it)")
+    return out
+
+
+# ---------------------------------------------------------------- chat templates
+
+
+_CHAT_TOKEN_ROLES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def chat_settings(src: Path, tok, gen: dict, cfg: ModelConfig) -> dict:
+    """A decoder-only model's chat template and what it needs, for generation.json:
+    "chat_template" (the Jinja source, as transformers' `get_chat_template` picks it: the
+    chat_template.jinja file over tokenizer_config.json's "chat_template", a named list's
+    "default"), "chat_tokens" (the special token strings a template reads, bos_token...) and
+    "stop_ids" (every id that ends a reply: generation_config's eos_token_id, one or a list,
+    and the tokenizer's eos). Empty when the model has no template. `tok` is the
+    tokenizers.Tokenizer of the model."""
+    config = _read_json_object(src / "tokenizer_config.json")
+    source = _chat_template_source(src, config)
+    if source is None:
+        return {}
+    tokens = {}
+    legacy = _read_json_object(src / "special_tokens_map.json")
+    for role in _CHAT_TOKEN_ROLES:
+        value = config.get(role, legacy.get(role))
+        if isinstance(value, dict):  # an AddedToken written out
+            value = value.get("content")
+        if isinstance(value, str):
+            tokens[role] = value
+    eos = gen.get("eos_token_id")
+    stops = [cfg.eos_id] + (eos if isinstance(eos, list) else [eos])
+    if "eos_token" in tokens:
+        stops.append(tok.token_to_id(tokens["eos_token"]))
+    stops = [i for i in dict.fromkeys(stops) if isinstance(i, int) and 0 <= i < cfg.output_vocab_size]
+    return {"chat_template": source, "chat_tokens": tokens, "stop_ids": stops}
+
+
+def _chat_template_source(src: Path, config: dict) -> str | None:
+    jinja = src / "chat_template.jinja"
+    if jinja.is_file():
+        return read_text(jinja)
+    template = config.get("chat_template")
+    if template is None and (src / "chat_template.json").is_file():  # processors' older file
+        template = _read_json_object(src / "chat_template.json").get("chat_template")
+    if template is None or isinstance(template, str):
+        return template
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        if isinstance(named.get("default"), str):
+            return named["default"]
+        names = ", ".join(map(str, named))
+        raise UserError(f"{src}: the model's chat templates ({names}) include no 'default'")
+    raise UserError(f"{src / 'tokenizer_config.json'}: chat_template is neither a string nor a list of named templates")
+
+
+def _read_json_object(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return data
 
 
 def special_names(tok, ids: dict[str, int | None], source: str) -> dict[str, str | None]:
