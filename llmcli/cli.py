@@ -209,6 +209,19 @@ N_BEST = typer.Option(None, help="Hypotheses per input (with --format jsonl or t
 TEMPERATURE = typer.Option(None, help="Sampling temperature (default 0.8).")
 TOP_K = typer.Option(None, help="Sample among the k most likely tokens (default 50; 0: all).")
 TOP_P = typer.Option(None, help="Nucleus sampling mass (default 0.95).")
+# Instruct (decoder-only) models: each input line is one chat message from the task's prompt
+# (llmcli.tasks.INSTRUCT_PROMPTS, in the README).
+PROMPT = typer.Option(
+    None,
+    help="Instruct models: the message each input becomes, with {text} (qa: {question}, {context}) and "
+    "{source_lang}/{target_lang}; default: the task's prompt (README).",
+)
+
+
+def _instruction(prompt=None, source_lang=None, target_lang=None):
+    from llmcli.tasks import Instruction
+
+    return Instruction(prompt, source_lang, target_lang)
 
 
 def _input_lines(files: list[str] | None):
@@ -245,7 +258,7 @@ def _write_outputs(outputs, fmt: str, output: str | None, quiet: bool, label: st
                 bar.update(index + 1, tokens, time.monotonic() - started)
 
 
-def _seq2seq_command(task, files, model, device, quiet, fmt, output, **settings):
+def _seq2seq_command(task, files, model, device, quiet, fmt, output, instruction, **settings):
     from llmcli.device import resolve_device
     from llmcli.tasks import DecodeSettings, open_model, seq2seq
 
@@ -256,7 +269,7 @@ def _seq2seq_command(task, files, model, device, quiet, fmt, output, **settings)
         settings["chunk_lines"] = 1  # someone is typing: answer each line as it comes
     decode = DecodeSettings(**settings)
     loaded = open_model(model, task, device=resolve_device(device))
-    _write_outputs(seq2seq(loaded, _input_lines(files), decode, task), fmt, output, quiet, task)
+    _write_outputs(seq2seq(loaded, _input_lines(files), decode, task, instruction), fmt, output, quiet, task)
 
 
 @app.command()
@@ -267,21 +280,29 @@ def translate(
     beam: int = BEAM,
     n_best: int = N_BEST,
     length_penalty: float = typer.Option(None, help="Beam score = log-prob / length**alpha (default 1)."),
-    max_len: int = typer.Option(None, help="Most output tokens (default: 2 x source + 10)."),
+    max_len: int = typer.Option(None, help="Most output tokens (default: 2 x source + 10; instruct models 256)."),
     no_repeat_ngram: int = typer.Option(None, help="Never repeat an n-gram of this size (default 0: off)."),
     batch_tokens: int = typer.Option(None, help="Source tokens x beam per batch (default 4096)."),
     chunk_lines: int = CHUNK_LINES,
     fmt: str = FORMAT,
     output: str = OUTPUT,
     on_long: str = ON_LONG,
+    prompt: str = PROMPT,
+    source_lang: str = typer.Option(None, help="Instruct models: the language of the input, e.g. English."),
+    target_lang: str = typer.Option(None, help="Instruct models: the language to translate into, e.g. German."),
     device: str = DEVICE,
     quiet: bool = QUIET,
 ) -> None:
     """Translate text, one output line per input line, in order.
 
-    Example: llmcli translate -m en-de news.en > news.de
+    With an instruct (chat) model each line is one message: "Translate the following [SOURCE]
+    text into TARGET. Reply with the translation only." then the line (--prompt replaces it).
+
+    Example: llmcli translate -m en-de news.en > news.de;
+    llmcli translate -m Qwen/Qwen2.5-0.5B-Instruct --target-lang German news.en
     """
-    _seq2seq_command("translate", files, model, device, quiet, fmt, output, beam_size=beam, n_best=n_best,
+    _seq2seq_command("translate", files, model, device, quiet, fmt, output, _instruction(prompt, source_lang, target_lang),
+                     beam_size=beam, n_best=n_best,
                      length_penalty=length_penalty, max_len=max_len, no_repeat_ngram_size=no_repeat_ngram,
                      batch_tokens=batch_tokens, chunk_lines=chunk_lines, on_long=on_long)  # fmt: skip
 
@@ -294,7 +315,7 @@ def summarize(
     beam: int = BEAM,
     n_best: int = N_BEST,
     length_penalty: float = typer.Option(None, help="Beam score = log-prob / length**alpha (default 1; higher: longer)."),
-    max_len: int = typer.Option(None, help="Most summary tokens (default 128)."),
+    max_len: int = typer.Option(None, help="Most summary tokens (default 128; instruct models 256)."),
     min_len: int = typer.Option(None, help="Fewest summary tokens (default 0)."),
     no_repeat_ngram: int = typer.Option(None, help="Never repeat an n-gram of this size (default 3; 0: off)."),
     batch_tokens: int = typer.Option(None, help="Source tokens x beam per batch (default 8192)."),
@@ -302,14 +323,19 @@ def summarize(
     fmt: str = FORMAT,
     output: str = OUTPUT,
     on_long: str = ON_LONG,
+    prompt: str = PROMPT,
     device: str = DEVICE,
     quiet: bool = QUIET,
 ) -> None:
     """Summarize documents, one summary line per input line, in order.
 
+    With an instruct (chat) model each document is one message: "Summarize the following text
+    in one or two sentences. Reply with the summary only." then the document (--prompt replaces it).
+
     Example: llmcli summarize -m sum-model articles.txt > summaries.txt
     """
-    _seq2seq_command("summarize", files, model, device, quiet, fmt, output, beam_size=beam, n_best=n_best,
+    _seq2seq_command("summarize", files, model, device, quiet, fmt, output, _instruction(prompt),
+                     beam_size=beam, n_best=n_best,
                      length_penalty=length_penalty, max_len=max_len, min_len=min_len,
                      no_repeat_ngram_size=no_repeat_ngram, batch_tokens=batch_tokens, chunk_lines=chunk_lines,
                      on_long=on_long)  # fmt: skip
@@ -323,14 +349,18 @@ def qa(
     question: str = typer.Option(None, help="One question (with --context-file) instead of a JSONL input."),
     context_file: str = typer.Option(None, help="The context for --question."),
     beam: int = BEAM,
-    max_len: int = typer.Option(None, help="Most answer tokens (default 64)."),
+    max_len: int = typer.Option(None, help="Most answer tokens (default 64; instruct models 256)."),
     fmt: str = typer.Option("text", "--format", help="text | jsonl (answer and score)."),
     output: str = OUTPUT,
     on_long: str = ON_LONG,
+    prompt: str = PROMPT,
     device: str = DEVICE,
     quiet: bool = QUIET,
 ) -> None:
     """Answer questions about a context, one answer per line, in order.
+
+    With an instruct (chat) model each record is one message: "Answer the question from the
+    context. Reply with the answer only." then the context and the question (--prompt replaces it).
 
     Example: echo '{"question": "Who wrote it?", "context": "It was written by Ada."}' | llmcli qa -m qa-model
     """
@@ -348,7 +378,7 @@ def qa(
         records = read_qa_records(file)
     decode = DecodeSettings(beam_size=beam, max_len=max_len, on_long=on_long)
     loaded = open_model(model, "qa", device=resolve_device(device))
-    _write_outputs(answer_questions(loaded, records, decode), fmt, output, quiet, "qa")
+    _write_outputs(answer_questions(loaded, records, decode, _instruction(prompt)), fmt, output, quiet, "qa")
 
 
 @app.command()
@@ -367,7 +397,7 @@ def generate(
     echo: bool = typer.Option(False, help="Print the prompt before its continuation."),
     as_chat: bool = typer.Option(False, "--chat", help="Each prompt is one user message in the model's chat template."),
     system: str = typer.Option(None, "--system", help="With --chat: a system message before each prompt."),
-    fmt: str = typer.Option("text", "--format", help="text (newlines become spaces with --input) | jsonl."),
+    fmt: str = typer.Option("text", "--format", help="text (a newline in a reply is written as \\n) | jsonl."),
     output: str = OUTPUT,
     on_long: str = ON_LONG,
     device: str = DEVICE,

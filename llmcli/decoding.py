@@ -315,6 +315,7 @@ def beam_search(
     suppress_tokens: Sequence[int] = (),
     forced_tokens: Sequence[int] = (),
     forced_eos_id: int | None = None,
+    stop_ids: Sequence[int] = (),
 ) -> list[list[Hypothesis]]:
     """HF `generate(num_beams=beam_size, num_return_sequences=n_best, do_sample=False)`; returns the
     n_best hypotheses of each row, best first, scored like HF's `sequences_scores`.
@@ -328,7 +329,8 @@ def beam_search(
     best live beam divided by its *current* length can't beat the worst finished (a heuristic that
     can stop too early when length_penalty > 0); "never", the same with the max length when
     length_penalty > 0, which is exact. beam_size=1 runs this algorithm, unlike HF (greedy); it
-    differs from greedy_search only with a repetition penalty (log-probs vs logits).
+    differs from greedy_search only with a repetition penalty (log-probs vs logits). `stop_ids`:
+    as in greedy_search.
     """
     B = start_tokens.shape[0]
     K = beam_size
@@ -344,8 +346,17 @@ def beam_search(
     if int(max_new.min()) < 1:
         raise ValueError("max_new_tokens must be >= 1")
     rules = _rules(
-        eos_id, repetition_penalty, no_repeat_ngram_size, suppress_tokens, forced_tokens, forced_eos_id, min_new, max_new
+        eos_id,
+        repetition_penalty,
+        no_repeat_ngram_size,
+        suppress_tokens,
+        forced_tokens,
+        forced_eos_id,
+        min_new,
+        max_new,
+        stop_ids,
     )
+    end_ids = torch.tensor((eos_id, *rules.stop_ids), device=device)  # any of them ends a hypothesis (HF: a list of eos)
     L = int(max_new.max())
     # HF divides by a Python float, i.e. float64 rounded to float32 (no float64 on some devices)
     max_new_penalty = (max_new.cpu().double() ** length_penalty).float().to(device)  # (B,)
@@ -382,7 +393,7 @@ def beam_search(
         cand_beam, cand_token = cand_index // V, cand_index % V
         cand_seqs = seqs.take_along_dim(cand_beam[:, :, None], dim=1)  # (n, 2K, L)
         cand_seqs[:, :, t] = cand_token
-        ends = (cand_token == eos_id) | (t + 1 >= max_new[:, None])  # (n, 2K)
+        ends = torch.isin(cand_token, end_ids) | (t + 1 >= max_new[:, None])  # (n, 2K)
 
         # Next live beams: the K best candidates that don't end.
         go_on = cand_scores + ends.float() * NEG
@@ -419,7 +430,8 @@ def beam_search(
             seqs_gone = fin_seqs[gone, :n_best].tolist()
             for j, i in enumerate(gone.tolist()):
                 results[items[i]] = [
-                    Hypothesis(_strip_eos(s[:m], eos_id), sc) for s, m, sc in zip(seqs_gone[j], lengths[j], scores[j])
+                    Hypothesis(_strip_eos(s[:m], eos_id, rules.stop_ids), sc)
+                    for s, m, sc in zip(seqs_gone[j], lengths[j], scores[j])
                 ]
             keep = (~done).nonzero().squeeze(1)
             if keep.numel() == 0:

@@ -159,8 +159,9 @@ class LineWriter:
         self.interactive = stream.isatty() if hasattr(stream, "isatty") else False
 
     def write(self, line: str) -> None:
-        # A newline inside an output would break the one-line-per-input contract.
-        self.stream.write(line.replace("\r", " ").replace("\n", " ") + "\n")
+        # A newline inside an output would break the one-line-per-input contract: written as \n
+        # (jsonl keeps it as it is).
+        self.stream.write(line.replace("\r\n", "\\n").replace("\n", "\\n").replace("\r", "\\r") + "\n")
         if self.interactive:
             self.stream.flush()
 

@@ -364,7 +364,7 @@ def hf_text(fast, hf, texts: list[str], **settings) -> list[str]:
         with torch.no_grad():
             out = hf.generate(**batch, do_sample=False, pad_token_id=fast.pad_token_id, **settings)
         out = out[:, batch["input_ids"].shape[1] :]
-    return [t.replace("\n", " ") for t in fast.batch_decode(out, skip_special_tokens=True)]
+    return [t.replace("\n", "\\n") for t in fast.batch_decode(out, skip_special_tokens=True)]
 
 
 @pytest.mark.parametrize("family, command", [("bart", "summarize"), ("mbart", "translate"), ("t5", "translate"),

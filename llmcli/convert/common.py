@@ -263,8 +263,7 @@ def token_ids(hf: dict, gen: dict) -> dict[str, int | None]:
     bos = first(gen.get("bos_token_id", hf.get("bos_token_id")))
     pad = first(gen.get("pad_token_id", hf.get("pad_token_id")))
     start = gen.get("decoder_start_token_id", hf.get("decoder_start_token_id"))
-    if isinstance(gen.get("eos_token_id"), list) and len(gen["eos_token_id"]) > 1:
-        warn(f"the model has several end tokens {gen['eos_token_id']}; llmcli's generate stops at the first, {eos}; chat at any")
+    # Several end ids (a list): the first is the config's eos; all stop decoding (generation.json stop_ids).
     pad = eos if pad is None else pad
     if bos is None:  # T5, Marian: no start-of-text token; the decoder start stands in
         bos = start if start is not None else eos
