@@ -122,3 +122,16 @@ def test_plain_generate_also_stops_at_every_end_id_as_transformers(instruct_mode
         ended += len(new) < MAX_NEW and new[-1] != hf.config.eos_token_id  # stopped at the second end id
         theirs.append(fast.decode(new, skip_special_tokens=True).replace("\n", "\\n"))
     assert mine == theirs and ended >= 1
+
+
+def test_a_model_with_no_end_token_is_one_line(instruct_model, tmp_path):
+    import shutil
+
+    d = tmp_path / "no-eos"
+    shutil.copytree(instruct_model[0], d)
+    for name in ("config.json", "generation_config.json"):
+        config = json.loads((d / name).read_text())
+        config["eos_token_id"] = None
+        (d / name).write_text(json.dumps(config))
+    for command in (("generate", "--greedy", "the cat"), ("chat",), ("translate", "--target-lang", "German")):
+        assert "no end-of-text token" in one_line_error(command[0], "-m", str(d), *command[1:])

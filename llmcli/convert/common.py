@@ -264,6 +264,9 @@ def token_ids(hf: dict, gen: dict) -> dict[str, int | None]:
     pad = first(gen.get("pad_token_id", hf.get("pad_token_id")))
     start = gen.get("decoder_start_token_id", hf.get("decoder_start_token_id"))
     # Several end ids (a list): the first is the config's eos; all stop decoding (generation.json stop_ids).
+    if eos is None:
+        raise UserError("the model has no end-of-text token (eos_token_id in config.json or generation_config.json): "
+                        "llmcli needs one to know where an output ends")  # fmt: skip
     pad = eos if pad is None else pad
     if bos is None:  # T5, Marian: no start-of-text token; the decoder start stands in
         bos = start if start is not None else eos
