@@ -288,8 +288,12 @@ def translate(
     output: str = OUTPUT,
     on_long: str = ON_LONG,
     prompt: str = PROMPT,
-    source_lang: str = typer.Option(None, help="Instruct models: the language of the input, e.g. English."),
-    target_lang: str = typer.Option(None, help="Instruct models: the language to translate into, e.g. German."),
+    source_lang: str = typer.Option(
+        None, help="The input's language: instruct models a name (English); NLLB/M2M100 its code (eng_Latn, en)."
+    ),
+    target_lang: str = typer.Option(
+        None, help="The language to translate into: instruct models a name (German); NLLB/M2M100 its code (deu_Latn, de)."
+    ),
     device: str = DEVICE,
     quiet: bool = QUIET,
 ) -> None:
@@ -299,7 +303,8 @@ def translate(
     text into TARGET. Reply with the translation only." then the line (--prompt replaces it).
 
     Example: llmcli translate -m en-de news.en > news.de;
-    llmcli translate -m Qwen/Qwen2.5-0.5B-Instruct --target-lang German news.en
+    llmcli translate -m Qwen/Qwen2.5-0.5B-Instruct --target-lang German news.en;
+    llmcli translate -m facebook/nllb-200-distilled-600M --source-lang eng_Latn --target-lang deu_Latn news.en
     """
     _seq2seq_command("translate", files, model, device, quiet, fmt, output, _instruction(prompt, source_lang, target_lang),
                      beam_size=beam, n_best=n_best,

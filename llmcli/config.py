@@ -22,6 +22,7 @@ Activation = Literal["relu", "gelu", "gelu_tanh", "silu"]
 Norm = Literal["layernorm", "rmsnorm"]
 NormPosition = Literal["pre", "post"]
 Positions = Literal["sinusoidal", "learned", "rope", "relative"]
+SinusoidStyle = Literal["vaswani", "fairseq"]
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,10 @@ class ModelConfig:
     final_norm: bool = True  # a norm after the last layer of each stack (pre-norm models)
     positions: Positions = "sinusoidal"
     max_positions: int = 512
-    position_offset: int = 0  # BART's learned positions start at index 2
+    position_offset: int = 0  # BART's learned positions start at index 2; M2M100's sinusoids at pad_id + 1
+    # sinusoid frequencies: "vaswani" 10000**(-2i/d) (Marian); "fairseq" exp(-i ln(10000) / (d/2 - 1))
+    # (tensor2tensor, fairseq, M2M100, NLLB); both laid out [sin | cos]
+    sinusoid_style: SinusoidStyle = "vaswani"
     type_vocab_size: int = 0  # token type (segment) embeddings added to the encoder's (BERT: 2); 0: none
     rope_theta: float = 10000.0
     relative_buckets: int = 32  # T5 relative-position buckets
@@ -60,6 +64,10 @@ class ModelConfig:
     final_logits_bias: bool = False  # a learned/loaded bias on the logits (BART, Marian)
     head: Head = "lm"  # "span" only on an encoder-only model
     bias: bool = True  # biases in attention and FFN projections (GPT-2, BART yes; Llama, T5 no)
+    qkv_bias: bool = False  # q, k and v projection biases even where bias=False, none on o (Qwen2)
+    qk_norm: bool = False  # a norm over each head of q and k, before rope (Qwen3)
+    norm_weight_offset: float = 0.0  # rmsnorm scales by (offset + weight): Gemma stores weight - 1 (offset 1.0)
+    sliding_window: int | None = None  # decoder self-attention sees this many positions, itself included (Mistral)
     pad_id: int = 0
     bos_id: int = 1
     eos_id: int = 2
@@ -116,6 +124,12 @@ class ModelConfig:
             raise UserError(f"config: rope needs an even head_dim, not {self.head_dim}")
         if self.positions == "sinusoidal" and self.d_model % 2:
             raise UserError(f"config: sinusoidal positions need an even d_model, not {self.d_model}")
+        if self.positions == "sinusoidal" and self.sinusoid_style == "fairseq" and self.d_model < 4:
+            raise UserError(f"config: fairseq sinusoids need d_model >= 4, not {self.d_model}")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise UserError(f"config: sliding_window={self.sliding_window} must be positive")
+        if self.norm_weight_offset and self.norm != "rmsnorm":
+            raise UserError(f"config: norm_weight_offset={self.norm_weight_offset} needs norm='rmsnorm', not {self.norm!r}")
         if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.attention_dropout < 1.0:
             raise UserError(f"config: dropout={self.dropout}, attention_dropout={self.attention_dropout} must be in [0, 1)")
         for name in ("pad_id", "bos_id", "eos_id"):
@@ -139,9 +153,11 @@ class ModelConfig:
         """The parameter count of the model this config builds (tied matrices once), reckoned
         without building it: a config can be refused before its weights are allocated."""
         d, ff, q, kv = self.d_model, self.d_ff, self.n_heads * self.head_dim, self.kv_heads * self.head_dim
-        bias = int(self.bias)
-        norm = d * (2 if self.norm == "layernorm" else 1)
-        attention = d * q + q * bias + 2 * (d * kv + kv * bias) + q * d + d * bias
+        bias, qkv_bias = int(self.bias), int(self.bias or self.qkv_bias)
+        per_dim = 2 if self.norm == "layernorm" else 1
+        norm = d * per_dim
+        attention = d * q + q * qkv_bias + 2 * (d * kv + kv * qkv_bias) + q * d + d * bias
+        attention += 2 * self.head_dim * per_dim if self.qk_norm else 0
         ffn = (2 + self.glu) * d * ff + (1 + self.glu) * ff * bias + d * bias
 
         def stack(n_layers: int, is_decoder: bool) -> int:

@@ -27,24 +27,28 @@ from llmcli.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm (Zhang & Sennrich 2019), as in T5 and Llama: no mean, no bias."""
+    """Root-mean-square norm (Zhang & Sennrich 2019), as in T5 and Llama: no mean, no bias.
+    Gemma scales by (1 + weight) instead of weight: `offset` 1.0."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
         super().__init__()
-        self.eps = eps
+        self.eps, self.offset = eps, offset
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Computed in float32 as T5 and Llama do, so half precision does not overflow.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        weight = self.weight + self.offset if self.offset else self.weight
+        return weight * x32.to(x.dtype)
 
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
+def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
+    """The config's norm over `dim` features (d_model unless given: Qwen3 norms each head of q and k)."""
+    dim = dim or cfg.d_model
     if cfg.norm == "rmsnorm":
-        return RMSNorm(cfg.d_model, cfg.norm_eps)
-    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        return RMSNorm(dim, cfg.norm_eps, cfg.norm_weight_offset)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps)
 
 
 ACTIVATIONS = {
@@ -77,9 +81,15 @@ class FeedForward(nn.Module):
         return self.down(h)
 
 
-def sinusoidal_table(n_positions: int, dim: int) -> torch.Tensor:
-    """Vaswani et al. (2017) positions, laid out [sin | cos] as fairseq, Marian and tensor2tensor do."""
-    inv_freq = torch.pow(10000.0, -torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (D/2,)
+def sinusoidal_table(n_positions: int, dim: int, style: str = "vaswani") -> torch.Tensor:
+    """Vaswani et al. (2017) positions, laid out [sin | cos] as fairseq, Marian and tensor2tensor do;
+    fairseq's and tensor2tensor's frequencies (M2M100, NLLB) divide by d/2 - 1 where Marian's divide by d/2."""
+    if style == "fairseq":  # in float32, as fairseq and transformers' M2M100 compute it: the same numbers
+        inv_freq = torch.exp(torch.arange(dim // 2).float() * -(math.log(10000.0) / (dim // 2 - 1)))
+        angles = torch.arange(n_positions).float()[:, None] * inv_freq[None, :]
+        return torch.cat([angles.sin(), angles.cos()], dim=-1)  # (P, dim)
+    else:
+        inv_freq = torch.pow(10000.0, -torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (D/2,)
     angles = torch.arange(n_positions, dtype=torch.float64)[:, None] * inv_freq[None, :]
     return torch.cat([angles.sin(), angles.cos()], dim=-1).float()  # (P, dim)
 
@@ -145,10 +155,14 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.bias)
-        self.k_proj = nn.Linear(cfg.d_model, self.n_kv_heads * cfg.head_dim, bias=cfg.bias)
-        self.v_proj = nn.Linear(cfg.d_model, self.n_kv_heads * cfg.head_dim, bias=cfg.bias)
+        qkv_bias = cfg.bias or cfg.qkv_bias
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, self.n_kv_heads * cfg.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, self.n_kv_heads * cfg.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.bias)
+        # Qwen3: each head of q and k normed on its own, before rope
+        self.q_norm = make_norm(cfg, cfg.head_dim) if cfg.qk_norm else None
+        self.k_norm = make_norm(cfg, cfg.head_dim) if cfg.qk_norm else None
         self.scale = cfg.attention_scale  # None: 1/sqrt(D)
         self.dropout = cfg.attention_dropout
 
@@ -157,7 +171,10 @@ class Attention(nn.Module):
         return x.view(B, T, n, self.head_dim).transpose(1, 2)  # (B, n, T, D)
 
     def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._heads(self.k_proj(x), self.n_kv_heads), self._heads(self.v_proj(x), self.n_kv_heads)
+        k = self._heads(self.k_proj(x), self.n_kv_heads)  # (B, Hkv, S, D)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        return k, self._heads(self.v_proj(x), self.n_kv_heads)
 
     def forward(
         self,
@@ -170,6 +187,8 @@ class Attention(nn.Module):
         is_causal: bool = False,
     ) -> torch.Tensor:
         q = self._heads(self.q_proj(x), self.n_heads)  # (B, H, T, D)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
         if kv is None:
             k, v = self.project_kv(x)
             if rope is not None:
@@ -249,7 +268,8 @@ class Stack(nn.Module):
         if cfg.positions == "learned":
             self.embed_positions = nn.Embedding(cfg.max_positions + cfg.position_offset, cfg.d_model)
         elif cfg.positions == "sinusoidal":
-            self.register_buffer("sinusoids", sinusoidal_table(cfg.max_positions, cfg.d_model), persistent=False)
+            table = sinusoidal_table(cfg.max_positions + cfg.position_offset, cfg.d_model, cfg.sinusoid_style)
+            self.register_buffer("sinusoids", table, persistent=False)
         # BERT's segment embeddings: question 0, context 1
         self.embed_types = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size and not is_decoder else None
         self.relative_bias = RelativeBias(cfg, bidirectional=not is_decoder) if cfg.positions == "relative" else None
@@ -269,7 +289,7 @@ class Stack(nn.Module):
         if self.cfg.positions == "learned":
             x = x + self.embed_positions(positions + self.cfg.position_offset)
         elif self.cfg.positions == "sinusoidal":
-            x = x + self.sinusoids[positions].to(x.dtype)
+            x = x + self.sinusoids[positions + self.cfg.position_offset].to(x.dtype)
         if self.embed_types is not None:
             x = x + self.embed_types(token_types if token_types is not None else torch.zeros_like(tokens))
         if self.embedding_norm is not None:
@@ -375,9 +395,15 @@ class Transformer(nn.Module):
         positions = torch.arange(T, device=tokens.device).expand_as(tokens)
         x = dec.embed(tokens, positions)
         mask, is_causal = None, True
-        if dec.relative_bias is not None:
-            causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()[None, None]
-            mask, is_causal = _with_bias(causal, dec.relative_bias(positions[:1], positions[:1]), x.dtype), False
+        window = self.cfg.sliding_window
+        if dec.relative_bias is not None or (window is not None and T > window):
+            slots = torch.arange(T, device=tokens.device)
+            causal = slots[None, :] <= slots[:, None]  # (T, T)
+            if window is not None:  # Mistral: the last `window` positions, the query's own included
+                causal &= slots[None, :] > slots[:, None] - window
+            mask, is_causal = causal[None, None], False
+            if dec.relative_bias is not None:
+                mask = _with_bias(mask, dec.relative_bias(positions[:1], positions[:1]), x.dtype)
         memory_kv = [layer.cross_attn.project_kv(memory) for layer in dec.layers] if memory is not None else None
         cross_mask = memory_mask[:, None, None, :] if memory_mask is not None else None
         return dec(x, mask, rope=dec.rope(positions[:1]), is_causal=is_causal, memory_kv=memory_kv, memory_mask=cross_mask)
@@ -428,16 +454,22 @@ class Transformer(nn.Module):
         S = S_prev + T
 
         x = dec.embed(tokens, positions)
-        if T == 1 and dec.relative_bias is None and bool(cache.key_valid.all()):
+        window = self.cfg.sliding_window
+        # Keys older than the window stay in the cache, masked: each row's window ends at its own position.
+        in_window = window is None or S <= window
+        if T == 1 and dec.relative_bias is None and in_window and bool(cache.key_valid.all()):
             mask = None  # the common decoding step: one new token, nothing to hide
         else:
             slots = torch.arange(S, device=tokens.device)
             causal = slots[None, :] <= (S_prev + torch.arange(T, device=tokens.device))[:, None]  # (T, S)
             diagonal = slots[None, :] == (S_prev + torch.arange(T, device=tokens.device))[:, None]
+            visible = causal[None] & cache.key_valid[:, None, :]  # (B, T, S)
+            key_positions = (cache.key_valid.long().cumsum(1) - 1).clamp(min=0)  # (B, S)
+            if not in_window:
+                visible &= key_positions[:, None, :] > positions[:, :, None] - window
             # A padding query attends to itself only, so no row of the mask is empty (SDPA would give NaN).
-            mask = ((causal[None] & cache.key_valid[:, None, :]) | diagonal[None])[:, None]  # (B, 1, T, S)
+            mask = (visible | diagonal[None])[:, None]  # (B, 1, T, S)
             if dec.relative_bias is not None:
-                key_positions = (cache.key_valid.long().cumsum(1) - 1).clamp(min=0)  # (B, S)
                 mask = _with_bias(mask, dec.relative_bias(positions, key_positions), x.dtype)
         x = dec(x, mask, rope=dec.rope(positions), past=cache, memory_kv=cache.cross_kv, memory_mask=cache.memory_mask)
         return self.logits(x[:, -1:])[:, 0].float()

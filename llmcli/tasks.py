@@ -269,8 +269,7 @@ def seq2seq(
     if loaded.config.architecture == "decoder-only":
         yield from instruct(loaded, ({"text": text} for text in sources), settings, task, instruction)
         return
-    if instruction is not None and instruction != Instruction():
-        raise UserError("--prompt, --source-lang and --target-lang are for instruct (decoder-only) models")
+    loaded = _with_languages(loaded, instruction or Instruction())
     model, cfg = loaded.model, loaded.config
     settings = with_defaults(settings, loaded, task)
     # What the model's tokenizer puts around a source (BART: <s> ... </s>); ours: ... </s>
@@ -302,6 +301,36 @@ def seq2seq(
         return [_output(loaded.tokenizer, row_hyps) for row_hyps in hyps]
 
     yield from _in_batches(sources, settings, encode, decode)
+
+
+def _with_languages(loaded: LoadedModel, instruction: Instruction) -> LoadedModel:
+    """A multilingual encoder-decoder (M2M100, NLLB: generation.json lists its "languages") with
+    its source template holding the --source-lang token and the --target-lang token forced first,
+    as transformers' tokenizer(src_lang=...) and generate(forced_bos_token_id=...) do. Other
+    encoder-decoders take no --prompt, --source-lang or --target-lang."""
+    languages = loaded.generation.get("languages")
+    if not languages:
+        if instruction != Instruction():
+            raise UserError("--prompt, --source-lang and --target-lang are for instruct (decoder-only) models "
+                            "and multilingual ones (M2M100, NLLB)")  # fmt: skip
+        return loaded
+    if instruction.prompt is not None:
+        raise UserError("--prompt is for instruct (decoder-only) models; this model takes --source-lang and --target-lang")
+    examples = ", ".join(c for c in ("eng_Latn", "deu_Latn", "fra_Latn", "zho_Hans", "en", "de", "fr", "zh") if c in languages)
+    examples = examples or ", ".join(list(languages)[:4])
+    for flag, code in (("--source-lang", instruction.source_lang), ("--target-lang", instruction.target_lang)):
+        if code is not None and code not in languages:
+            raise UserError(f"{flag} {code!r} is not one of this model's {len(languages)} language codes (e.g. {examples})")
+    if instruction.target_lang is None:
+        raise UserError(f"this model translates into many languages: give --target-lang, one of its codes (e.g. {examples})")
+    gen = dict(loaded.generation)
+    source = instruction.source_lang or gen.get("source_lang")
+    if source is not None:
+        ids = set(languages.values())
+        for key in ("source_prefix", "source_suffix"):
+            gen[key] = [languages[source] if i in ids else i for i in gen.get(key, [])]
+    gen["forced_bos_id"] = languages[instruction.target_lang]
+    return dataclasses.replace(loaded, generation=gen)
 
 
 def _output(tok, hyps: list[decoding.Hypothesis]) -> Output:

@@ -31,6 +31,24 @@ VARIANTS = {
         logits_scale=32**-0.5,
     ),
     "separate-vocab": dict(tgt_vocab_size=40, shared_embeddings=False, tied_output=False, scale_embeddings=True),
+    "qwen2-qkv-bias": dict(
+        positions="rope", n_kv_heads=2, activation="silu", glu=True, norm="rmsnorm", bias=False, qkv_bias=True
+    ),
+    "qwen3-qk-norm": dict(positions="rope", d_head=16, activation="silu", glu=True, norm="rmsnorm", bias=False, qk_norm=True),
+    # a window shorter than the prompts and the 40 tokens decoded: keys leave it while decoding
+    "mistral-window": dict(
+        positions="rope", n_kv_heads=2, activation="silu", glu=True, norm="rmsnorm", bias=False, sliding_window=4
+    ),
+    "gemma": dict(
+        positions="rope",
+        d_head=16,
+        activation="gelu_tanh",
+        glu=True,
+        norm="rmsnorm",
+        bias=False,
+        norm_weight_offset=1.0,
+        scale_embeddings=True,
+    ),
 }
 
 

@@ -1,6 +1,7 @@
 """Hugging Face checkpoints to llmcli models: one small module per family, one generic loop.
 
-A family module (marian, bart, t5, gpt2, llama, bert) holds data, as litgpt's
+A family module (marian, bart, t5, gpt2, llama, bert, m2m100, phi3, qwen2, qwen3,
+mistral, gemma) holds data, as litgpt's
 `convert_hf_checkpoint.py` and CTranslate2's `converters/transformers.py` do:
   MODEL_TYPES                          the HF `model_type` values it reads
   config(hf, tensors, gen) -> ModelConfig
@@ -26,7 +27,7 @@ from pathlib import Path
 from types import ModuleType
 
 from llmcli.checkpoint import LoadedModel, build_for_loading, load_state_into, model_tensors, save_model
-from llmcli.convert import bart, bert, gpt2, llama, marian, t5
+from llmcli.convert import bart, bert, gemma, gpt2, llama, m2m100, marian, mistral, phi3, qwen2, qwen3, t5
 from llmcli.convert.common import (
     apply_map,
     chat_settings,
@@ -39,10 +40,12 @@ from llmcli.convert.common import (
 from llmcli.errors import UserError
 from llmcli.model import Transformer
 
-VERSION = "3"  # bump when a family's output changes: converted models cached by hub.py are redone
-# (3: chat templates, stop ids and sampling defaults in generation.json)
+VERSION = "5"  # bump when a family's output changes: converted models cached by hub.py are redone
+# (3: chat templates, stop ids and sampling defaults in generation.json; 4: M2M100/NLLB, Phi-3;
+# 5: Qwen2, Qwen3, Mistral, Gemma)
 
-FAMILIES: dict[str, ModuleType] = {model_type: family for family in (marian, bart, t5, gpt2, llama, bert)
+FAMILIES: dict[str, ModuleType] = {model_type: family for family in (marian, bart, t5, gpt2, llama, bert, m2m100, phi3,
+                                                                   qwen2, qwen3, mistral, gemma)
                                    for model_type in family.MODEL_TYPES}  # fmt: skip
 
 
@@ -110,6 +113,7 @@ def convert(src: str | Path) -> LoadedModel:
         generation.update(chat_settings(src, tokenizer.hf, gen, cfg))
     if cfg.architecture != "encoder-only":
         generation.update(generation_settings(gen, cfg))
+    generation.update(tok_facts.get("generation", {}))  # a family's own (M2M100's language tokens)
     return LoadedModel(model, tokenizer, source_tokenizer, generation, src)
 
 
