@@ -79,6 +79,8 @@ def _describe_foreign(path: Path) -> str:
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, mapped from it (safe_open): pages are read when used,
+    so reading costs no memory until the tensors are."""
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     try:
@@ -95,14 +97,42 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_state_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Fill every parameter and persistent buffer, or fail once naming every mismatch."""
-    expected = model_tensors(model)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+    """Fill every parameter and persistent buffer, or fail once naming every mismatch.
+
+    A tensor of the parameter's dtype and device becomes its data, not a copy: tensors read
+    with safe_open map the file, so a loaded model holds one copy of its weights (the file's
+    pages), not the file's and its own (bench/memory.py). The Parameter objects stay, so ties
+    (lm_head = embeddings) and optimizers holding them are kept."""
+    check_fit({n: t.shape for n, t in model_tensors(model).items()}, {n: t.shape for n, t in tensors.items()}, source)
+    persistent = model.state_dict(keep_vars=True)
+    taken: set[int] = set()  # data pointers already given to a parameter: two must not alias
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # a tied parameter once, under its first name
+            t = tensors[name]
+            if (
+                t.dtype == p.dtype
+                and t.device == p.device
+                and t.layout == p.layout
+                and t.is_contiguous()
+                and t.data_ptr() not in taken
+            ):
+                taken.add(t.data_ptr())
+                p.data = t.detach()
+            else:
+                p.copy_(t)
+        for name, b in model.named_buffers():
+            if name in persistent:
+                b.copy_(tensors[name])
+
+
+def check_fit(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], source: str) -> None:
+    """Fail once naming every missing, unexpected and misshapen tensor (shapes by name)."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
     wrong_shape = [
-        f"{n} {tuple(tensors[n].shape)} != {tuple(expected[n].shape)}"
-        for n in sorted(set(expected) & set(tensors))
-        if tuple(tensors[n].shape) != tuple(expected[n].shape)
+        f"{n} {tuple(found[n])} != {tuple(expected[n])}"
+        for n in sorted(set(expected) & set(found))
+        if tuple(found[n]) != tuple(expected[n])
     ]
     problems = []
     if missing:
@@ -113,9 +143,6 @@ def load_state_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], so
         problems.append(f"shape mismatch {name_list(wrong_shape)}")
     if problems:
         raise UserError(f"{source}: weights do not fit the config: {'; '.join(problems)}")
-    with torch.no_grad():
-        for name, target in expected.items():
-            target.copy_(tensors[name])
 
 
 def name_list(items: list[str], limit: int = 4) -> str:
@@ -184,9 +211,11 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Loa
         # It cannot load, and a config can ask for anything: name what does not fit from a model
         # on the meta device, which allocates nothing.
         with torch.device("meta"):
-            load_state_into(Transformer(cfg), tensors, str(directory / WEIGHTS_FILE))
+            expected = {n: t.shape for n, t in model_tensors(Transformer(cfg)).items()}
+        check_fit(expected, {n: t.shape for n, t in tensors.items()}, str(directory / WEIGHTS_FILE))
     model = build_for_loading(cfg, device)
     load_state_into(model, tensors, str(directory / WEIGHTS_FILE))
+    del tensors  # what the model did not take (another dtype or device) is freed now
     model.eval()
     return LoadedModel(model, tokenizer, source_tokenizer, generation, directory)
 

@@ -6,6 +6,7 @@ inside the commands.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import signal
@@ -45,8 +46,33 @@ def handle_errors(command: Callable) -> Callable:
         except KeyboardInterrupt:
             print("llmcli: interrupted", file=sys.stderr, flush=True)
             raise typer.Exit(130) from None
+        except Terminated:
+            print("llmcli: terminated", file=sys.stderr, flush=True)
+            raise typer.Exit(143) from None
+        except OSError as e:
+            if e.errno not in _WRITE_FAILURES:
+                raise
+            _discard_stdout()  # else the exit's own flush of stdout fails again, with a traceback
+            print(f"llmcli: error: cannot write: {e.strerror}", file=sys.stderr, flush=True)
+            raise typer.Exit(1) from None
 
     return wrapper
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, so files are closed and whole lines flushed, as for Ctrl-C."""
+
+
+# A full disk, a quota, or RLIMIT_FSIZE (SIGXFSZ being ignored): the environment, not a bug.
+_WRITE_FAILURES = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+def _discard_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def _print_version(value: bool) -> None:
@@ -734,13 +760,30 @@ def _restore_sigpipe() -> None:
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 
 
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+def _install_signal_handlers() -> None:
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # not ignored by whoever started us
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    if hasattr(signal, "SIGXFSZ"):  # past RLIMIT_FSIZE: an EFBIG write error we report, not a core dump
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
 def main() -> None:
     _restore_sigpipe()
+    _install_signal_handlers()
+    if sys.stdin is None:  # started with file descriptor 0 closed (`<&-`): no input, as /dev/null
+        sys.stdin = open(os.devnull, encoding="utf-8")
     # Text streams are UTF-8 whatever the locale says.
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(encoding="utf-8", errors="replace")
-    app(prog_name="llmcli")
+    try:
+        app(prog_name="llmcli")
+    except Terminated:  # outside a command (while parsing options): nothing written yet
+        sys.exit(143)
 
 
 if __name__ == "__main__":

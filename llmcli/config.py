@@ -23,6 +23,16 @@ Norm = Literal["layernorm", "rmsnorm"]
 NormPosition = Literal["pre", "post"]
 Positions = Literal["sinusoidal", "learned", "rope", "relative"]
 SinusoidStyle = Literal["vaswani", "fairseq"]
+RopeScaling = Literal["none", "linear", "dynamic", "llama3", "yarn"]
+# the rope_* parameters each scaling reads (transformers' modeling_rope_utils); any other left at its default
+ROPE_SCALING_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "linear": ("rope_factor",),
+    "dynamic": ("rope_factor", "rope_original_max_positions"),
+    "llama3": ("rope_factor", "rope_original_max_positions", "rope_low_freq_factor", "rope_high_freq_factor"),
+    "yarn": ("rope_factor", "rope_original_max_positions", "rope_beta_fast", "rope_beta_slow", "rope_attention_factor",
+             "rope_truncate"),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,20 @@ class ModelConfig:
     sinusoid_style: SinusoidStyle = "vaswani"
     type_vocab_size: int = 0  # token type (segment) embeddings added to the encoder's (BERT: 2); 0: none
     rope_theta: float = 10000.0
+    # Rope scaling for contexts past pretraining (Llama 3.x: llama3; Qwen2.5 long context: yarn):
+    # "linear" divides every frequency by rope_factor; "dynamic" (NTK) raises the base once a row
+    # runs past rope_original_max_positions, from that row's length so far; "llama3" divides the low
+    # frequencies, keeps the high ones, blends between; "yarn" blends by rotations per dimension
+    # (beta_fast, beta_slow) and scales cos/sin by rope_attention_factor (None: 0.1 ln(factor) + 1).
+    rope_scaling: RopeScaling = "none"
+    rope_factor: float = 1.0
+    rope_original_max_positions: int | None = None  # the pretraining context the scaling stretches
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_beta_fast: float = 32.0  # yarn
+    rope_beta_slow: float = 1.0  # yarn
+    rope_attention_factor: float | None = None  # yarn
+    rope_truncate: bool = True  # yarn: the blended range rounded out to whole dimensions
     relative_buckets: int = 32  # T5 relative-position buckets
     relative_max_distance: int = 128
     attention_scale: float | None = None  # None: 1/sqrt(head_dim); T5 folds it into its weights (1.0)
@@ -122,6 +146,7 @@ class ModelConfig:
             )
         if self.positions == "rope" and self.head_dim % 2:
             raise UserError(f"config: rope needs an even head_dim, not {self.head_dim}")
+        self._check_rope_scaling()
         if self.positions == "sinusoidal" and self.d_model % 2:
             raise UserError(f"config: sinusoidal positions need an even d_model, not {self.d_model}")
         if self.positions == "sinusoidal" and self.sinusoid_style == "fairseq" and self.d_model < 4:
@@ -135,6 +160,29 @@ class ModelConfig:
         for name in ("pad_id", "bos_id", "eos_id"):
             if not 0 <= getattr(self, name) < self.output_vocab_size:
                 raise UserError(f"config: {name}={getattr(self, name)} is outside the vocabulary of {self.output_vocab_size}")
+
+    def _check_rope_scaling(self) -> None:
+        kind, defaults = self.rope_scaling, {f.name: f.default for f in dataclasses.fields(self)}
+        stray = [n for n in defaults if n.startswith("rope_") and n not in ("rope_theta", "rope_scaling")
+                 and n not in ROPE_SCALING_PARAMETERS[kind] and getattr(self, n) != defaults[n]]  # fmt: skip
+        if stray:
+            raise UserError(f"config: {', '.join(f'{n}={getattr(self, n)!r}' for n in stray)} unused with rope_scaling={kind!r}")
+        if kind == "none":
+            return
+        if self.positions != "rope":
+            raise UserError(f"config: rope_scaling={kind!r} needs positions='rope', not {self.positions!r}")
+        if self.rope_factor <= 0:
+            raise UserError(f"config: rope_factor={self.rope_factor} must be positive")
+        if kind != "linear" and (self.rope_original_max_positions or 0) <= 0:
+            raise UserError(f"config: rope_scaling={kind!r} needs a positive rope_original_max_positions, "
+                            f"not {self.rope_original_max_positions}")  # fmt: skip
+        if kind == "dynamic" and self.head_dim <= 2:
+            raise UserError(f"config: dynamic rope scaling needs head_dim > 2, not {self.head_dim}")
+        if kind == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            raise UserError(f"config: rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
+                            f"rope_low_freq_factor={self.rope_low_freq_factor}")  # fmt: skip
+        if kind == "yarn" and self.rope_attention_factor is not None and self.rope_attention_factor <= 0:
+            raise UserError(f"config: rope_attention_factor={self.rope_attention_factor} must be positive")
 
     @property
     def head_dim(self) -> int:

@@ -8,6 +8,8 @@ warning per stream naming the first bad line, never a crash.
 from __future__ import annotations
 
 import contextlib
+import functools
+import io
 import os
 import sys
 import tempfile
@@ -45,6 +47,8 @@ def _display_name(path: str | os.PathLike | None) -> str:
 
 def _open_binary(path: str | os.PathLike | None) -> IO[bytes]:
     if path in (None, STDIN_NAME):
+        if sys.stdin is None:  # started with file descriptor 0 closed (`<&-`): no input
+            return io.BytesIO()
         return sys.stdin.buffer
     p = Path(path)
     if p.is_dir():
@@ -57,6 +61,10 @@ def _open_binary(path: str | os.PathLike | None) -> IO[bytes]:
         raise UserError(f"{p}: permission denied") from None
     except OSError as e:
         raise UserError(f"{p}: cannot read ({e.strerror})") from None
+
+
+def _is_stdin(stream: IO[bytes]) -> bool:
+    return sys.stdin is not None and stream is sys.stdin.buffer
 
 
 def iter_lines(path: str | os.PathLike | None) -> Iterator[str]:
@@ -84,7 +92,7 @@ def iter_lines(path: str | os.PathLike | None) -> Iterator[str]:
                 line = line[1:]
             yield line
     finally:
-        if stream is not sys.stdin.buffer:
+        if not _is_stdin(stream):
             stream.close()
 
 
@@ -98,7 +106,7 @@ def read_text(path: str | os.PathLike) -> str:
     try:
         data = stream.read()
     finally:
-        if stream is not sys.stdin.buffer:
+        if not _is_stdin(stream):
             stream.close()
     try:
         return data.decode("utf-8-sig")
@@ -110,23 +118,67 @@ def read_text(path: str | os.PathLike) -> str:
 def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     """Write to a temporary file beside `path`, then rename over it.
 
-    A crash or Ctrl-C leaves either the old file or the complete new one, never half of one.
+    A crash, Ctrl-C or kill -9 leaves either the old file or the complete new one, never half
+    of one. On Linux the temporary file has no name until it is complete (O_TMPFILE), so even
+    kill -9 leaves nothing behind; elsewhere a named temporary file is removed on any exception.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.chmod(tmp, default_file_mode())
+    fd, tmp = _unnamed_file(path.parent)
+    if fd is None:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, default_file_mode())
     try:
         kwargs = {"encoding": "utf-8", "newline": "\n"} if "b" not in mode else {}
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
+            if tmp is None:  # give it a name only now; the window to the rename is a few syscalls
+                tmp = _temporary_name(path)
+                _link_fd(f.fileno(), tmp)
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         raise
+
+
+def _unnamed_file(directory: Path) -> tuple[int | None, None]:
+    """An open file in `directory` that vanishes if the process dies (Linux O_TMPFILE); (None, None) where unsupported."""
+    flag = getattr(os, "O_TMPFILE", None)
+    if flag is None or _linkat() is None or not os.path.isdir("/proc/self/fd"):
+        return None, None
+    try:
+        return os.open(directory, flag | os.O_WRONLY, 0o600), None
+    except OSError:  # a filesystem without O_TMPFILE support
+        return None, None
+
+
+@functools.cache
+def _linkat():
+    """libc's linkat: os.link calls link(2), which cannot name an O_TMPFILE file (EXDEV)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.linkat
+    except (OSError, AttributeError):
+        return None
+
+
+def _link_fd(fd: int, name: str) -> None:
+    import ctypes
+
+    AT_FDCWD, AT_SYMLINK_FOLLOW = -100, 0x400  # as open(2) documents for O_TMPFILE
+    if _linkat()(AT_FDCWD, f"/proc/self/fd/{fd}".encode(), AT_FDCWD, os.fsencode(name), AT_SYMLINK_FOLLOW) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, os.strerror(errno), name)
+
+
+def _temporary_name(path: Path) -> str:
+    return str(path.parent / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
 
 
 def default_file_mode() -> int:

@@ -94,12 +94,53 @@ def sinusoidal_table(n_positions: int, dim: int, style: str = "vaswani") -> torc
     return torch.cat([angles.sin(), angles.cos()], dim=-1).float()  # (P, dim)
 
 
-def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_angles(positions: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (B, 1, T, D) for rotary embeddings (Su et al. 2021), in the
-    rotate-half layout that Hugging Face Llama checkpoints use."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    freqs = positions.float()[..., None] * inv_freq  # (B, T, D/2)
+    rotate-half layout that Hugging Face Llama checkpoints use, with `cfg.rope_scaling` applied
+    as transformers' `modeling_rope_utils` computes it, operation for operation in float32."""
+    D, base, factor = cfg.head_dim, cfg.rope_theta, cfg.rope_factor
+    exponents = torch.arange(0, D, 2, device=positions.device, dtype=torch.float32) / D  # (D/2,)
+    inv_freq = 1.0 / (base**exponents)  # (D/2,), or (B, D/2) for dynamic
+    scale = 1.0
+    if cfg.rope_scaling == "linear":
+        inv_freq = inv_freq / factor
+    elif cfg.rope_scaling == "dynamic":
+        # NTK-aware base, from each row's own length so far: transformers' rows decoded alone
+        # (its batched generate takes the batch's longest row and keeps it between calls)
+        original = cfg.rope_original_max_positions
+        seq_len = positions.amax(-1, keepdim=True) + 1  # (B, 1)
+        stretched = base * ((factor * seq_len / original) - (factor - 1)) ** (D / (D - 2))
+        inv_freq = torch.where(seq_len > original, 1.0 / (stretched**exponents), inv_freq)
+    elif cfg.rope_scaling == "llama3":
+        old = cfg.rope_original_max_positions
+        low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        inv_freq = torch.where(~(wavelen < old / high) * ~(wavelen > old / low), smoothed, scaled)
+    elif cfg.rope_scaling == "yarn":  # Peng et al. 2023
+        old = cfg.rope_original_max_positions
+
+        def dim_of(rotations: float) -> float:  # the dimension that turns `rotations` times in `old` positions
+            return (D * math.log(old / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+        lo, hi = dim_of(cfg.rope_beta_fast), dim_of(cfg.rope_beta_slow)
+        if cfg.rope_truncate:
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, D - 1)
+        hi = hi + 0.001 if lo == hi else hi
+        ramp = torch.clamp((torch.arange(D // 2, dtype=torch.float32, device=positions.device) - lo) / (hi - lo), 0, 1)
+        pos_freqs = base**exponents
+        extrapolated = 1 - ramp
+        inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolated) + (1.0 / pos_freqs) * extrapolated
+        scale = cfg.rope_attention_factor
+        if scale is None:
+            scale = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+    freqs = positions.float()[..., None] * inv_freq[..., None, :]  # (B, T, D/2)
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, D)
+    if scale != 1.0:
+        return emb.cos() * scale, emb.sin() * scale
     return emb.cos(), emb.sin()
 
 
@@ -299,7 +340,7 @@ class Stack(nn.Module):
     def rope(self, positions: torch.Tensor):
         if self.cfg.positions != "rope":
             return None
-        return rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        return rope_angles(positions, self.cfg)
 
     def forward(
         self,

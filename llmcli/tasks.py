@@ -582,7 +582,7 @@ def generate(
     def encode(chunk: list[str], first_line: int) -> dict[int, list[int]]:
         ids_by_row = {}
         for i, ids in enumerate(tok.encode_batch(chunk)):
-            if cfg.positions in ("learned", "sinusoidal") and len(ids) > room:
+            if len(ids) > room:  # every kind of position: past the context the model was not trained
                 fitted = _fit(ids, room, first_line + i, settings.on_long)
                 if fitted is None:
                     continue

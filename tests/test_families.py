@@ -222,8 +222,8 @@ def test_transformers_4_config_files_convert_to_the_same_model(hf_models, family
 @pytest.mark.parametrize(
     "family, change, message",
     [
-        ("qwen2", lambda c: c.update(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}), "'yarn'"),
-        ("mistral", lambda c: c.update(rope_scaling={"type": "linear", "factor": 2.0}, rope_parameters=None), "'linear'"),
+        ("qwen2", lambda c: c.update(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "factor": 4.0}), "'longrope'"),
+        ("mistral", lambda c: c.update(rope_scaling={"type": "su", "factor": 2.0}, rope_parameters=None), "'su'"),
         (
             "qwen2",
             lambda c: c.update(layer_types=["full_attention", "sliding_attention"], sliding_window=4, use_sliding_window=True),

@@ -40,9 +40,9 @@ from llmcli.convert.common import (
 from llmcli.errors import UserError
 from llmcli.model import Transformer
 
-VERSION = "5"  # bump when a family's output changes: converted models cached by hub.py are redone
+VERSION = "6"  # bump when a family's output changes: converted models cached by hub.py are redone
 # (3: chat templates, stop ids and sampling defaults in generation.json; 4: M2M100/NLLB, Phi-3;
-# 5: Qwen2, Qwen3, Mistral, Gemma)
+# 5: Qwen2, Qwen3, Mistral, Gemma; 6: rope scaling fields, linear/dynamic/llama3/yarn)
 
 FAMILIES: dict[str, ModuleType] = {model_type: family for family in (marian, bart, t5, gpt2, llama, bert, m2m100, phi3,
                                                                    qwen2, qwen3, mistral, gemma)

@@ -122,7 +122,12 @@ def _load_pickle(path: Path) -> dict[str, Tensor]:
         # weights_only: the unpickler accepts tensors and plain containers, never arbitrary callables
         with warnings.catch_warnings():  # its note on pickle protocols is noise beside the verdict
             warnings.simplefilter("ignore")
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            try:  # mapped, as safetensors are: the model takes these tensors without a copy
+                data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                data = torch.load(path, map_location="cpu", weights_only=True)  # the legacy (pre-zip) format
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: refused: not a plain tensor checkpoint ({reason[:160]})") from None
