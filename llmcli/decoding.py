@@ -139,9 +139,11 @@ class _Rules:
         if self.no_repeat_ngram_size > 0:
             scores = ban_repeated_ngrams(scores, history, self.no_repeat_ngram_size)
         if t < self.ban_eos_until:
-            scores[:, self.eos_id].masked_fill_(t < min_new, -math.inf)  # = ban_tokens(scores, [eos], rows=...)
-            for stop in self.stop_ids:  # HF bans every one of a list of eos ids
-                scores[:, stop].masked_fill_(t < min_new, -math.inf)
+            if self.stop_ids:  # HF bans every one of a list of eos ids
+                ends = [self.eos_id, *self.stop_ids]
+                scores[:, ends] = scores[:, ends].masked_fill((t < min_new)[:, None], -math.inf)
+            else:
+                scores[:, self.eos_id].masked_fill_(t < min_new, -math.inf)  # = ban_tokens(scores, [eos], rows=...)
         if t < len(self.forced_tokens):
             scores = force_token(scores, self.forced_tokens[t])
         if self.forced_eos_id is not None and t >= self.force_eos_from:

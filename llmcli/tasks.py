@@ -184,6 +184,17 @@ def _token_batches(lengths: list[int], batch_tokens: int, width: int) -> list[li
     return batches
 
 
+def prompt_affixes(loaded: LoadedModel) -> tuple[list[int], list[int]]:
+    """What the model's tokenizer puts around a prompt (Llama: <s>, GPT-2: nothing); ours: bos."""
+    return loaded.generation.get("prompt_prefix", [loaded.config.bos_id]), loaded.generation.get("prompt_suffix", [])
+
+
+def stop_ids_of(loaded: LoadedModel) -> tuple[int, ...]:
+    """Every id that ends an output: generation.json's "stop_ids" (a converted model's list of
+    end ids, as HF's generate stops at any), else the eos."""
+    return tuple(loaded.generation.get("stop_ids") or [loaded.config.eos_id])
+
+
 def _decode_batch(
     loaded: LoadedModel,
     step,
@@ -193,9 +204,9 @@ def _decode_batch(
     settings: DecodeSettings,
     suppress: tuple[int, ...],
     on_tokens=None,
-    stop_ids: tuple[int, ...] = (),
 ) -> list[list[decoding.Hypothesis]]:
     cfg, gen = loaded.config, loaded.generation
+    stop_ids = stop_ids_of(loaded)
     # A converted model's forced first and last tokens (BART's <s>, Marian's </s>), as HF's generate forces them
     forced = [gen["forced_bos_id"]] if gen.get("forced_bos_id") is not None else []
     rules = dict(eos_id=cfg.eos_id, max_new_tokens=max_new, min_new_tokens=settings.min_len,
@@ -513,7 +524,6 @@ def instruct(
     message = (instruction or Instruction()).message_maker(task)
     model, cfg, tok = loaded.model, loaded.config, loaded.tokenizer
     settings = with_defaults(settings.filled(INSTRUCT_DEFAULTS), loaded, task)
-    stop_ids = tuple(loaded.generation.get("stop_ids") or [cfg.eos_id])
     max_new = min(settings.max_len, cfg.max_positions - 1)
     room = cfg.max_positions - max_new
     cut_field = INSTRUCT_INPUTS[task][-1]  # text, or qa's context
@@ -542,8 +552,7 @@ def instruct(
 
     def decode(rows: list[int], prompts_ids: list[list[int]], first_line: int) -> list[Output]:
         start = pad_rows(prompts_ids, PAD_TOKEN, left=True).to(model.device)
-        hyps = _decode_batch(loaded, model.step, model.new_cache(len(prompts_ids)), start, max_new, settings, suppress,
-                             stop_ids=stop_ids)  # fmt: skip
+        hyps = _decode_batch(loaded, model.step, model.new_cache(len(prompts_ids)), start, max_new, settings, suppress)  # fmt: skip
         return [Output([t.strip() for t in tok.decode_batch([h.tokens for h in row_hyps])], [h.score for h in row_hyps],
                        len(row_hyps[0].tokens)) for row_hyps in hyps]  # fmt: skip
 
@@ -570,14 +579,12 @@ def generate(
     if max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
     settings = with_defaults(settings, loaded, task)
-    # What the model's tokenizer puts around a prompt (Llama: <s>, GPT-2: nothing); ours: bos
-    prefix = loaded.generation.get("prompt_prefix", [cfg.bos_id])
-    suffix = loaded.generation.get("prompt_suffix", [])
+    prefix, suffix = prompt_affixes(loaded)
     room = cfg.max_positions - max_new_tokens - len(prefix) - len(suffix)
     if room < 0:
         raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room in the model's {cfg.max_positions} positions")
     suppress = _suppressed(loaded)
-    stop_ids = tuple(loaded.generation.get("stop_ids") or [cfg.eos_id])  # HF's generate stops at any of a list
+    stop_ids = stop_ids_of(loaded)  # the streamed text leaves them out
 
     def encode(chunk: list[str], first_line: int) -> dict[int, list[int]]:
         ids_by_row = {}
@@ -602,7 +609,7 @@ def generate(
                     on_text(first_line - 1 + rows[0], tok.decode(produced))
 
         hyps = _decode_batch(loaded, model.step, model.new_cache(len(prompts_ids)), start, max_new_tokens, settings,
-                             suppress, on_tokens, stop_ids=stop_ids)  # fmt: skip
+                             suppress, on_tokens)  # fmt: skip
         return [_output(tok, row_hyps) for row_hyps in hyps]
 
     yield from _in_batches(prompts, settings, encode, decode, extra_tokens=max_new_tokens)
@@ -673,8 +680,7 @@ def _stream_perplexity(loaded: LoadedModel, lines: list[str], stride: int | None
         raise UserError(f"--stride {stride} is larger than the model's context of {context} tokens")
     text = "\n".join(lines)
     # What the model's tokenizer puts around a text, as in `generate` (Llama: <s>, GPT-2: nothing); ours: bos
-    prefix = loaded.generation.get("prompt_prefix", [cfg.bos_id])
-    suffix = loaded.generation.get("prompt_suffix", [])
+    prefix, suffix = prompt_affixes(loaded)
     ids = prefix + tok.encode(text) + suffix
     if len(ids) < 2:
         raise UserError("no text to score: one token, and the model's tokenizer adds none before it")
@@ -762,8 +768,7 @@ class ChatSession:
         self.max_new_tokens = min(max_new_tokens, loaded.config.max_positions // 2)
         self.template = chat.template_of(loaded.generation)
         self.conversation = chat.Conversation(system or None)
-        cfg = loaded.config
-        self.stop_ids = tuple(loaded.generation.get("stop_ids") or [cfg.eos_id])
+        self.stop_ids = stop_ids_of(loaded)
         self.history = ""  # without a template: the turns so far, a line each (the system line apart)
         if self.template is not None:  # a template that refuses a first message (or the system one) says so now
             self.template.render(self.conversation.messages("hello"))
@@ -831,7 +836,7 @@ class ChatSession:
                 shown[0] = text
 
         hyps = _decode_batch(loaded, model.step, model.new_cache(1), start, self.max_new_tokens, self.settings,
-                             _suppressed(loaded), on_tokens, stop_ids=self.stop_ids)  # fmt: skip
+                             _suppressed(loaded), on_tokens)  # fmt: skip
         text = tok.decode(hyps[0][0].tokens)
         if on_text is not None and text.startswith(shown[0]) and text != shown[0]:
             on_text(text[len(shown[0]) :])
