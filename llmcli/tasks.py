@@ -491,17 +491,6 @@ class Instruction:
         return lambda given: prompt.format(**values, **given)
 
 
-def encode_rendered(tok, texts: list[str]) -> list[list[int]]:
-    """Ids of texts a chat template rendered: its control tokens (<|im_start|>) are read as
-    tokens, as transformers' default does (sanitize_control_tokens=False), and nothing is added."""
-    hf = tok.hf
-    hf.encode_special_tokens = False
-    try:
-        return [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)]
-    finally:
-        hf.encode_special_tokens = True
-
-
 @torch.inference_mode()
 def instruct(
     loaded: LoadedModel,
@@ -534,7 +523,7 @@ def instruct(
 
     def encode(chunk: list[dict[str, str]], first_line: int) -> dict[int, list[int]]:
         live = [i for i, fields in enumerate(chunk) if all(v.strip() for v in fields.values())]
-        ids_by_row = dict(zip(live, encode_rendered(tok, [render(chunk[i]) for i in live])))
+        ids_by_row = dict(zip(live, tok.encode_batch([render(chunk[i]) for i in live], control_tokens=True)))
         for i in [i for i in live if len(ids_by_row[i]) > room]:
             if _fit(ids_by_row[i], room, first_line + i, settings.on_long) is None:
                 del ids_by_row[i]
@@ -547,7 +536,7 @@ def instruct(
                     raise UserError(f"input line {first_line + i}: the prompt alone leaves no room in the model's "
                                     f"{cfg.max_positions} positions for {max_new} new tokens (lower --max-len)")  # fmt: skip
                 fields[cut_field] = tok.decode(text_ids[:keep])
-                ids_by_row[i] = encode_rendered(tok, [render(fields)])[0]
+                ids_by_row[i] = tok.encode(render(fields), control_tokens=True)
         return ids_by_row
 
     def decode(rows: list[int], prompts_ids: list[list[int]], first_line: int) -> list[Output]:
@@ -794,7 +783,7 @@ class ChatSession:
         return chat.prompt_ids(self.template, self.conversation, message, self._encode_with_control_tokens, room)
 
     def _encode_with_control_tokens(self, text: str) -> list[int]:
-        return encode_rendered(self.loaded.tokenizer, [text])[0]
+        return self.loaded.tokenizer.encode(text, control_tokens=True)
 
     def each_alone(self, messages: Iterable[str]) -> Iterator[Output]:
         """The reply to each message as the first of its own conversation (the system message

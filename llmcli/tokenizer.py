@@ -91,10 +91,18 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.hf.get_vocab_size(with_added_tokens=True)
 
-    def encode_batch(self, texts: list[str], *, add_bos: bool = False, add_eos: bool = False) -> list[list[int]]:
+    def encode_batch(
+        self, texts: list[str], *, add_bos: bool = False, add_eos: bool = False, control_tokens: bool = False
+    ) -> list[list[int]]:
         # The tokenizer's own post-processor (e.g. BART's <s> ... </s>) is not applied:
         # add_bos and add_eos say what is added, whatever the tokenizer.json.
-        encodings = self.hf.encode_batch_fast(list(texts), add_special_tokens=False)
+        # control_tokens: text a chat template rendered spells its control tokens (<|im_start|>),
+        # read as tokens as transformers' default does; otherwise they are plain text.
+        self.hf.encode_special_tokens = not control_tokens
+        try:
+            encodings = self.hf.encode_batch_fast(list(texts), add_special_tokens=False)
+        finally:
+            self.hf.encode_special_tokens = True
         head = [self.bos_id] if add_bos else []
         tail = [self.eos_id] if add_eos else []
         return [head + e.ids + tail for e in encodings]
