@@ -79,6 +79,9 @@ class KVCache:
         self.memory_group = 1  # decoder row r reads source row r // memory_group
         self.key_valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)  # (B, S)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) real tokens so far
+        # (B, S) every token fed so far, PAD_TOKEN for padding: kept only where the model may have
+        # to recompute a row's keys and values from its tokens (longrope, see Transformer.step)
+        self.history: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -93,6 +96,8 @@ class KVCache:
             self._select_memory(index // self.memory_group)
         self.key_valid = self.key_valid.index_select(0, index)
         self.lengths = self.lengths.index_select(0, index)
+        if self.history is not None:
+            self.history = self.history.index_select(0, index)
 
     def _select_memory(self, source_rows: torch.Tensor) -> None:
         """Make decoder row r read source row source_rows[r], copying source rows only when the

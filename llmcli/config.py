@@ -20,10 +20,11 @@ Architecture = Literal["encoder-decoder", "decoder-only", "encoder-only"]
 Head = Literal["lm", "span"]  # next-token logits; or start/end logits per token (extractive QA, BERT)
 Activation = Literal["relu", "gelu", "gelu_tanh", "silu"]
 Norm = Literal["layernorm", "rmsnorm"]
-NormPosition = Literal["pre", "post"]
+NormPosition = Literal["pre", "post", "sandwich"]  # sandwich: pre-norm, and a norm on each sublayer's output (Gemma 2, 3)
+LayerKind = Literal["full", "sliding"]  # a decoder layer's self-attention: every earlier position, or the last sliding_window
 Positions = Literal["sinusoidal", "learned", "rope", "relative"]
 SinusoidStyle = Literal["vaswani", "fairseq"]
-RopeScaling = Literal["none", "linear", "dynamic", "llama3", "yarn"]
+RopeScaling = Literal["none", "linear", "dynamic", "llama3", "yarn", "longrope"]
 # the rope_* parameters each scaling reads (transformers' modeling_rope_utils); any other left at its default
 ROPE_SCALING_PARAMETERS: dict[str, tuple[str, ...]] = {
     "none": (),
@@ -32,6 +33,8 @@ ROPE_SCALING_PARAMETERS: dict[str, tuple[str, ...]] = {
     "llama3": ("rope_factor", "rope_original_max_positions", "rope_low_freq_factor", "rope_high_freq_factor"),
     "yarn": ("rope_factor", "rope_original_max_positions", "rope_beta_fast", "rope_beta_slow", "rope_attention_factor",
              "rope_truncate"),
+    "longrope": ("rope_factor", "rope_original_max_positions", "rope_attention_factor", "rope_short_factor",
+                 "rope_long_factor"),
 }  # fmt: skip
 
 
@@ -76,6 +79,12 @@ class ModelConfig:
     rope_beta_slow: float = 1.0  # yarn
     rope_attention_factor: float | None = None  # yarn
     rope_truncate: bool = True  # yarn: the blended range rounded out to whole dimensions
+    # longrope (Phi-3 128k; Ding et al. 2024): frequencies divided per dimension by rope_short_factor
+    # while a row's length is at most rope_original_max_positions, by rope_long_factor past it; cos/sin
+    # scaled by rope_attention_factor (None: sqrt(1 + ln(rope_factor) / ln(original)), 1 if factor <= 1)
+    rope_short_factor: tuple[float, ...] | None = None
+    rope_long_factor: tuple[float, ...] | None = None
+    rope_local_theta: float | None = None  # the rope base of the "sliding" layers, unscaled (Gemma 3); None: as the others
     relative_buckets: int = 32  # T5 relative-position buckets
     relative_max_distance: int = 128
     attention_scale: float | None = None  # None: 1/sqrt(head_dim); T5 folds it into its weights (1.0)
@@ -92,12 +101,20 @@ class ModelConfig:
     qk_norm: bool = False  # a norm over each head of q and k, before rope (Qwen3)
     norm_weight_offset: float = 0.0  # rmsnorm scales by (offset + weight): Gemma stores weight - 1 (offset 1.0)
     sliding_window: int | None = None  # decoder self-attention sees this many positions, itself included (Mistral)
+    # per decoder layer, "full" or "sliding" (Gemma 2, 3: local and global layers); None: every layer
+    # "sliding" if sliding_window is set, else "full"
+    layer_kinds: tuple[LayerKind, ...] | None = None
+    attention_softcap: float | None = None  # attention logits become tanh(x / cap) * cap, before the mask (Gemma 2)
+    logits_softcap: float | None = None  # the same on the output logits (Gemma 2, 3)
     pad_id: int = 0
     bos_id: int = 1
     eos_id: int = 2
     decoder_start_id: int | None = None  # first decoder token; None: bos_id
 
     def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):  # JSON gives lists where the fields hold tuples
+            if isinstance(getattr(self, field.name), list) and typing.get_origin(_field_types()[field.name]) is not Literal:
+                object.__setattr__(self, field.name, tuple(getattr(self, field.name)))
         for field in dataclasses.fields(self):
             _check_type(field.name, getattr(self, field.name), _field_types()[field.name])
         positive = ["vocab_size", "d_model", "n_heads", "d_ff", "max_positions"]
@@ -153,6 +170,7 @@ class ModelConfig:
             raise UserError(f"config: fairseq sinusoids need d_model >= 4, not {self.d_model}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise UserError(f"config: sliding_window={self.sliding_window} must be positive")
+        self._check_layers()
         if self.norm_weight_offset and self.norm != "rmsnorm":
             raise UserError(f"config: norm_weight_offset={self.norm_weight_offset} needs norm='rmsnorm', not {self.norm!r}")
         if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.attention_dropout < 1.0:
@@ -161,12 +179,27 @@ class ModelConfig:
             if not 0 <= getattr(self, name) < self.output_vocab_size:
                 raise UserError(f"config: {name}={getattr(self, name)} is outside the vocabulary of {self.output_vocab_size}")
 
+    def _check_layers(self) -> None:
+        if self.layer_kinds is not None:
+            if len(self.layer_kinds) != self.n_decoder_layers:
+                raise UserError(
+                    f"config: layer_kinds has {len(self.layer_kinds)} entries for n_decoder_layers={self.n_decoder_layers}"
+                )
+            if "sliding" in self.layer_kinds and self.sliding_window is None:
+                raise UserError("config: layer_kinds has 'sliding' layers but sliding_window is not set")
+        for name in ("attention_softcap", "logits_softcap"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise UserError(f"config: {name}={getattr(self, name)} must be positive")
+
     def _check_rope_scaling(self) -> None:
         kind, defaults = self.rope_scaling, {f.name: f.default for f in dataclasses.fields(self)}
-        stray = [n for n in defaults if n.startswith("rope_") and n not in ("rope_theta", "rope_scaling")
+        stray = [n for n in defaults if n.startswith("rope_") and n not in ("rope_theta", "rope_scaling", "rope_local_theta")
                  and n not in ROPE_SCALING_PARAMETERS[kind] and getattr(self, n) != defaults[n]]  # fmt: skip
         if stray:
             raise UserError(f"config: {', '.join(f'{n}={getattr(self, n)!r}' for n in stray)} unused with rope_scaling={kind!r}")
+        if self.rope_local_theta is not None:
+            if self.positions != "rope" or self.rope_local_theta <= 0:
+                raise UserError(f"config: rope_local_theta={self.rope_local_theta} needs positions='rope' and a positive value")
         if kind == "none":
             return
         if self.positions != "rope":
@@ -183,6 +216,23 @@ class ModelConfig:
                             f"rope_low_freq_factor={self.rope_low_freq_factor}")  # fmt: skip
         if kind == "yarn" and self.rope_attention_factor is not None and self.rope_attention_factor <= 0:
             raise UserError(f"config: rope_attention_factor={self.rope_attention_factor} must be positive")
+        if kind == "longrope":
+            if self.architecture != "decoder-only":  # its switch recomputes a decoder-only cache (Transformer.step)
+                raise UserError(f"config: rope_scaling='longrope' needs a decoder-only model, not {self.architecture}")
+            if self.rope_attention_factor is not None and self.rope_attention_factor <= 0:
+                raise UserError(f"config: rope_attention_factor={self.rope_attention_factor} must be positive")
+            for name in ("rope_short_factor", "rope_long_factor"):
+                factors = getattr(self, name)
+                if factors is None or len(factors) != self.head_dim // 2 or min(factors) <= 0:
+                    raise UserError(f"config: longrope needs {name} as {self.head_dim // 2} positive numbers "
+                                    f"(head_dim / 2), not {factors!r}")  # fmt: skip
+
+    @property
+    def decoder_layer_kinds(self) -> tuple[str, ...]:
+        """Each decoder layer's kind of self-attention, "full" or "sliding"."""
+        if self.layer_kinds is not None:
+            return self.layer_kinds
+        return ("full" if self.sliding_window is None else "sliding",) * self.n_decoder_layers
 
     @property
     def head_dim(self) -> int:
@@ -203,7 +253,7 @@ class ModelConfig:
         d, ff, q, kv = self.d_model, self.d_ff, self.n_heads * self.head_dim, self.kv_heads * self.head_dim
         bias, qkv_bias = int(self.bias), int(self.bias or self.qkv_bias)
         per_dim = 2 if self.norm == "layernorm" else 1
-        norm = d * per_dim
+        norm = d * per_dim * (2 if self.norm_position == "sandwich" else 1)  # per sublayer
         attention = d * q + q * qkv_bias + 2 * (d * kv + kv * qkv_bias) + q * d + d * bias
         attention += 2 * self.head_dim * per_dim if self.qk_norm else 0
         ffn = (2 + self.glu) * d * ff + (1 + self.glu) * ff * bias + d * bias
@@ -211,7 +261,7 @@ class ModelConfig:
         def stack(n_layers: int, is_decoder: bool) -> int:
             cross = is_decoder and self.is_encoder_decoder
             n = n_layers * (attention * (1 + cross) + ffn + norm * (2 + cross))
-            n += norm * (self.embedding_norm + self.final_norm)
+            n += d * per_dim * (self.embedding_norm + self.final_norm)
             n += (self.max_positions + self.position_offset) * d if self.positions == "learned" else 0
             n += self.relative_buckets * self.n_heads if self.positions == "relative" else 0
             n += self.type_vocab_size * d if self.type_vocab_size and not is_decoder else 0
@@ -289,6 +339,13 @@ def _check_type(name: str, value: object, hint: object) -> None:
         if value is None and type(None) in args:
             return
         hint = next(a for a in args if a is not type(None))
+        return _check_type(name, value, hint)
+    if origin is tuple:  # tuple[X, ...]
+        if not isinstance(value, tuple):
+            raise UserError(f"config: {name}={value!r} should be a list")
+        for item in value:
+            _check_type(name, item, args[0])
+        return
     ok = {
         int: isinstance(value, int) and not isinstance(value, bool),
         float: isinstance(value, (int, float)) and not isinstance(value, bool),

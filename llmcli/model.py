@@ -94,24 +94,27 @@ def sinusoidal_table(n_positions: int, dim: int, style: str = "vaswani") -> torc
     return torch.cat([angles.sin(), angles.cos()], dim=-1).float()  # (P, dim)
 
 
-def rope_angles(positions: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_angles(positions: torch.Tensor, cfg: ModelConfig, local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (B, 1, T, D) for rotary embeddings (Su et al. 2021), in the
     rotate-half layout that Hugging Face Llama checkpoints use, with `cfg.rope_scaling` applied
-    as transformers' `modeling_rope_utils` computes it, operation for operation in float32."""
-    D, base, factor = cfg.head_dim, cfg.rope_theta, cfg.rope_factor
+    as transformers' `modeling_rope_utils` computes it, operation for operation in float32.
+    `local`: for the sliding-window layers, which may have a base of their own (Gemma 3)."""
+    D, base, factor, kind = cfg.head_dim, cfg.rope_theta, cfg.rope_factor, cfg.rope_scaling
+    if local and cfg.rope_local_theta is not None:  # Gemma 3 scales its global layers' rope only
+        base, kind = cfg.rope_local_theta, "none"
     exponents = torch.arange(0, D, 2, device=positions.device, dtype=torch.float32) / D  # (D/2,)
     inv_freq = 1.0 / (base**exponents)  # (D/2,), or (B, D/2) for dynamic
     scale = 1.0
-    if cfg.rope_scaling == "linear":
+    if kind == "linear":
         inv_freq = inv_freq / factor
-    elif cfg.rope_scaling == "dynamic":
+    elif kind == "dynamic":
         # NTK-aware base, from each row's own length so far: transformers' rows decoded alone
         # (its batched generate takes the batch's longest row and keeps it between calls)
         original = cfg.rope_original_max_positions
         seq_len = positions.amax(-1, keepdim=True) + 1  # (B, 1)
         stretched = base * ((factor * seq_len / original) - (factor - 1)) ** (D / (D - 2))
         inv_freq = torch.where(seq_len > original, 1.0 / (stretched**exponents), inv_freq)
-    elif cfg.rope_scaling == "llama3":
+    elif kind == "llama3":
         old = cfg.rope_original_max_positions
         low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
         wavelen = 2 * math.pi / inv_freq
@@ -119,7 +122,7 @@ def rope_angles(positions: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor
         smooth = (old / wavelen - low) / (high - low)
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         inv_freq = torch.where(~(wavelen < old / high) * ~(wavelen > old / low), smoothed, scaled)
-    elif cfg.rope_scaling == "yarn":  # Peng et al. 2023
+    elif kind == "yarn":  # Peng et al. 2023
         old = cfg.rope_original_max_positions
 
         def dim_of(rotations: float) -> float:  # the dimension that turns `rotations` times in `old` positions
@@ -137,6 +140,18 @@ def rope_angles(positions: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor
         scale = cfg.rope_attention_factor
         if scale is None:
             scale = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+    elif kind == "longrope":
+        # short factors while a row is within the pretraining context, long ones past it, chosen from
+        # each row's length so far as transformers chooses for a row decoded alone (from the longest
+        # row when batched); a row's cached keys are recomputed when it crosses (Transformer.step)
+        original = cfg.rope_original_max_positions
+        seq_len = positions.amax(-1, keepdim=True) + 1  # (B, 1)
+        short, long = (torch.tensor(f, dtype=torch.float32, device=positions.device)
+                       for f in (cfg.rope_short_factor, cfg.rope_long_factor))  # fmt: skip
+        inv_freq = torch.where(seq_len > original, 1.0 / (long * base**exponents), 1.0 / (short * base**exponents))
+        scale = cfg.rope_attention_factor
+        if scale is None:
+            scale = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0
     freqs = positions.float()[..., None] * inv_freq[..., None, :]  # (B, T, D/2)
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, D)
     if scale != 1.0:
@@ -205,6 +220,7 @@ class Attention(nn.Module):
         self.q_norm = make_norm(cfg, cfg.head_dim) if cfg.qk_norm else None
         self.k_norm = make_norm(cfg, cfg.head_dim) if cfg.qk_norm else None
         self.scale = cfg.attention_scale  # None: 1/sqrt(D)
+        self.softcap = cfg.attention_softcap
         self.dropout = cfg.attention_dropout
 
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
@@ -255,6 +271,8 @@ class Attention(nn.Module):
         if self.n_kv_heads != self.n_heads:
             repeat = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        if self.softcap is not None:  # SDPA has no soft-capping: the product written out, as transformers' eager path
+            return self._attend_softcapped(q, k, v, mask, is_causal)
         return F.scaled_dot_product_attention(
             q,
             k,
@@ -265,33 +283,53 @@ class Attention(nn.Module):
             scale=self.scale,
         )
 
+    def _attend_softcapped(self, q, k, v, mask, is_causal):
+        """softmax(tanh(q k^T * scale / cap) * cap + mask) v (Gemma 2): the cap before the mask."""
+        scores = torch.matmul(q, k.transpose(-1, -2)) * (self.scale if self.scale is not None else q.shape[-1] ** -0.5)
+        scores = torch.tanh(scores / self.softcap) * self.softcap  # (B, H, T, S)
+        T, S = scores.shape[-2:]
+        if mask is None and is_causal:
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        weights = F.dropout(scores.float().softmax(-1).to(q.dtype), self.dropout if self.training else 0.0, self.training)
+        return torch.matmul(weights, v)
+
 
 class Block(nn.Module):
-    """Self-attention, optional cross-attention, feed-forward; each with a residual and a norm."""
+    """Self-attention, optional cross-attention, feed-forward; each with a residual and a norm
+    (two with norm_position "sandwich": before the sublayer and on its output, Gemma 2's)."""
 
     def __init__(self, cfg: ModelConfig, cross_attention: bool):
         super().__init__()
-        self.pre_norm = cfg.norm_position == "pre"
+        self.pre_norm = cfg.norm_position in ("pre", "sandwich")
+        sandwich = cfg.norm_position == "sandwich"
         self.self_attn = Attention(cfg)
         self.self_attn_norm = make_norm(cfg)
+        self.self_attn_post_norm = make_norm(cfg) if sandwich else None
         self.cross_attn = Attention(cfg) if cross_attention else None
         self.cross_attn_norm = make_norm(cfg) if cross_attention else None
+        self.cross_attn_post_norm = make_norm(cfg) if cross_attention and sandwich else None
         self.ffn = FeedForward(cfg)
         self.ffn_norm = make_norm(cfg)
+        self.ffn_post_norm = make_norm(cfg) if sandwich else None
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def _residual(self, x, norm, sublayer):
+    def _residual(self, x, norm, sublayer, post_norm=None):
         if self.pre_norm:
-            return x + self.dropout(sublayer(norm(x)))
+            h = sublayer(norm(x))
+            return x + self.dropout(post_norm(h) if post_norm is not None else h)
         return norm(x + self.dropout(sublayer(x)))
 
     def forward(self, x, self_mask, *, past=None, rope=None, is_causal=False, memory_kv=None, memory_mask=None):
         x = self._residual(
-            x, self.self_attn_norm, lambda h: self.self_attn(h, self_mask, past=past, rope=rope, is_causal=is_causal)
-        )
+            x, self.self_attn_norm, lambda h: self.self_attn(h, self_mask, past=past, rope=rope, is_causal=is_causal),
+            self.self_attn_post_norm,
+        )  # fmt: skip
         if self.cross_attn is not None:
-            x = self._residual(x, self.cross_attn_norm, lambda h: self.cross_attn(h, memory_mask, kv=memory_kv))
-        return self._residual(x, self.ffn_norm, self.ffn)
+            x = self._residual(x, self.cross_attn_norm, lambda h: self.cross_attn(h, memory_mask, kv=memory_kv),
+                               self.cross_attn_post_norm)  # fmt: skip
+        return self._residual(x, self.ffn_norm, self.ffn, self.ffn_post_norm)
 
 
 # ---------------------------------------------------------------- stacks
@@ -318,6 +356,7 @@ class Stack(nn.Module):
         cross = is_decoder and cfg.is_encoder_decoder
         n_layers = cfg.n_decoder_layers if is_decoder else cfg.n_encoder_layers
         self.layers = nn.ModuleList(Block(cfg, cross_attention=cross) for _ in range(n_layers))
+        self.kinds = cfg.decoder_layer_kinds if is_decoder else ("full",) * n_layers  # per layer: "full" or "sliding"
         self.final_norm = make_norm(cfg) if cfg.final_norm else None
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -337,10 +376,25 @@ class Stack(nn.Module):
             x = self.embedding_norm(x)
         return self.dropout(x)
 
-    def rope(self, positions: torch.Tensor):
+    def rope(self, positions: torch.Tensor, local: bool = False):
         if self.cfg.positions != "rope":
             return None
-        return rope_angles(positions, self.cfg)
+        return rope_angles(positions, self.cfg, local)
+
+    def views(self, positions: torch.Tensor, mask_of) -> tuple[dict, dict | None]:
+        """What the layers attend with: keyword arguments (mask, is_causal, rope) for the full
+        attention layers (for all layers, where all are sliding-window layers: Mistral), and `local`,
+        those of the sliding-window layers where the stack mixes both kinds (Gemma 2, 3).
+        mask_of(window) -> (mask, is_causal) builds the mask for a window (None: no window)."""
+        window = self.cfg.sliding_window
+        main = "full" if "full" in self.kinds else "sliding"
+        mask, is_causal = mask_of(window if main == "sliding" else None)
+        rope = self.rope(positions, local=main == "sliding")
+        local = None
+        if main == "full" and "sliding" in self.kinds:
+            local_rope = self.rope(positions, local=True) if self.cfg.rope_local_theta is not None else rope
+            local = dict(zip(("mask", "is_causal"), mask_of(window), strict=True), rope=local_rope)
+        return dict(mask=mask, is_causal=is_causal, rope=rope), local
 
     def forward(
         self,
@@ -352,10 +406,13 @@ class Stack(nn.Module):
         past: KVCache | None = None,
         memory_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,  # per layer (cross-attention)
         memory_mask: torch.Tensor | None = None,
+        local: dict | None = None,  # mask, is_causal, rope of the "sliding" layers where they differ (see `views`)
     ) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
-            x = layer(x, mask, past=past.layers[i] if past is not None else None, rope=rope, is_causal=is_causal,
-                      memory_kv=memory_kv[i] if memory_kv is not None else None, memory_mask=memory_mask)  # fmt: skip
+            own = local if local is not None and self.kinds[i] == "sliding" else dict(mask=mask, is_causal=is_causal, rope=rope)
+            x = layer(x, own["mask"], past=past.layers[i] if past is not None else None, rope=own["rope"],
+                      is_causal=own["is_causal"], memory_kv=memory_kv[i] if memory_kv is not None else None,
+                      memory_mask=memory_mask)  # fmt: skip
         if self.final_norm is not None:
             x = self.final_norm(x)
         return self.dropout(x)
@@ -417,6 +474,8 @@ class Transformer(nn.Module):
         out = self.lm_head(hidden * self.cfg.logits_scale if self.cfg.logits_scale != 1.0 else hidden)
         if self.final_logits_bias is not None:
             out = out + self.final_logits_bias.to(out.dtype)
+        if self.cfg.logits_softcap is not None:  # Gemma 2, 3
+            out = torch.tanh(out / self.cfg.logits_softcap) * self.cfg.logits_softcap
         return out
 
     # ------------------------------------------------------------ full-sequence passes (training, scoring)
@@ -435,19 +494,23 @@ class Transformer(nn.Module):
         T = tokens.shape[1]
         positions = torch.arange(T, device=tokens.device).expand_as(tokens)
         x = dec.embed(tokens, positions)
-        mask, is_causal = None, True
-        window = self.cfg.sliding_window
-        if dec.relative_bias is not None or (window is not None and T > window):
+
+        def mask_of(window: int | None):
+            if dec.relative_bias is None and (window is None or T <= window):
+                return None, True
             slots = torch.arange(T, device=tokens.device)
             causal = slots[None, :] <= slots[:, None]  # (T, T)
             if window is not None:  # Mistral: the last `window` positions, the query's own included
                 causal &= slots[None, :] > slots[:, None] - window
-            mask, is_causal = causal[None, None], False
+            mask = causal[None, None]
             if dec.relative_bias is not None:
                 mask = _with_bias(mask, dec.relative_bias(positions[:1], positions[:1]), x.dtype)
+            return mask, False
+
+        main, local = dec.views(positions[:1], mask_of)
         memory_kv = [layer.cross_attn.project_kv(memory) for layer in dec.layers] if memory is not None else None
         cross_mask = memory_mask[:, None, None, :] if memory_mask is not None else None
-        return dec(x, mask, rope=dec.rope(positions[:1]), is_causal=is_causal, memory_kv=memory_kv, memory_mask=cross_mask)
+        return dec(x, **main, memory_kv=memory_kv, memory_mask=cross_mask, local=local)
 
     def span_logits(self, tokens: torch.Tensor, mask: torch.Tensor, token_types: torch.Tensor | None = None) -> torch.Tensor:
         """Encoder-only: right-padded tokens (B, S), mask (B, S) -> start and end logits (B, S, 2)."""
@@ -485,6 +548,10 @@ class Transformer(nn.Module):
     def step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Feed tokens (B, T) (PAD_TOKEN = left padding), extend the cache, return last-position logits (B, V)."""
         dec = self.decoder
+        longrope = self.cfg.rope_scaling == "longrope"
+        if longrope:
+            cache.history = tokens if cache.history is None else torch.cat([cache.history, tokens], dim=1)
+        lengths_before = cache.lengths
         valid = tokens != PAD_TOKEN  # (B, T)
         tokens = tokens.clamp(min=0)
         T = tokens.shape[1]
@@ -495,12 +562,13 @@ class Transformer(nn.Module):
         S = S_prev + T
 
         x = dec.embed(tokens, positions)
-        window = self.cfg.sliding_window
-        # Keys older than the window stay in the cache, masked: each row's window ends at its own position.
-        in_window = window is None or S <= window
-        if T == 1 and dec.relative_bias is None and in_window and bool(cache.key_valid.all()):
-            mask = None  # the common decoding step: one new token, nothing to hide
-        else:
+        all_valid = bool(cache.key_valid.all())
+
+        def mask_of(window: int | None):
+            # Keys older than the window stay in the cache, masked: each row's window ends at its own position.
+            in_window = window is None or S <= window
+            if T == 1 and dec.relative_bias is None and in_window and all_valid:
+                return None, False  # the common decoding step: one new token, nothing to hide
             slots = torch.arange(S, device=tokens.device)
             causal = slots[None, :] <= (S_prev + torch.arange(T, device=tokens.device))[:, None]  # (T, S)
             diagonal = slots[None, :] == (S_prev + torch.arange(T, device=tokens.device))[:, None]
@@ -512,5 +580,24 @@ class Transformer(nn.Module):
             mask = (visible | diagonal[None])[:, None]  # (B, 1, T, S)
             if dec.relative_bias is not None:
                 mask = _with_bias(mask, dec.relative_bias(positions, key_positions), x.dtype)
-        x = dec(x, mask, rope=dec.rope(positions), past=cache, memory_kv=cache.cross_kv, memory_mask=cache.memory_mask)
-        return self.logits(x[:, -1:])[:, 0].float()
+            return mask, False
+
+        main, local = dec.views(positions, mask_of)
+        x = dec(x, **main, past=cache, memory_kv=cache.cross_kv, memory_mask=cache.memory_mask, local=local)
+        logits = self.logits(x[:, -1:])[:, 0].float()
+        return self._longrope_switch(cache, lengths_before, logits) if longrope else logits
+
+    def _longrope_switch(self, cache: KVCache, lengths_before: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """A row whose length has just passed rope_original_max_positions runs on the long factors
+        at every position, the cached ones included: its keys and values are recomputed from its
+        tokens, as transformers' Phi-3 generate drops its cache at that step."""
+        original = self.cfg.rope_original_max_positions
+        rows = ((lengths_before > 0) & (lengths_before <= original) & (cache.lengths > original)).nonzero()[:, 0]
+        if rows.numel() == 0:
+            return logits
+        fresh = KVCache(len(self.decoder.layers), rows.numel(), self.device)
+        recomputed = self.step(cache.history.index_select(0, rows), fresh)  # the same slots, all on long factors
+        S = cache.key_valid.shape[1]
+        for layer, new in zip(cache.layers, fresh.layers, strict=True):
+            layer.k[rows, :, :S], layer.v[rows, :, :S] = new.k[:, :, :S], new.v[:, :, :S]
+        return logits.index_copy(0, rows, recomputed)

@@ -2,7 +2,7 @@
 sqrt(d_model), a gelu-tanh gated FFN, a head size of its own (256), tied embeddings.
 
 Gemma 2 and 3 (soft-capping, pre- and post-norms, alternating local layers) are other
-model_types and not read here.
+model_types, read by gemma2.py and gemma3.py.
 """
 
 from __future__ import annotations
