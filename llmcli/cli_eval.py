@@ -63,6 +63,7 @@ class _Options:
     model: str | None
     stride: int | None = None  # perplexity: None, windows that do not overlap
     per_line: bool | None = None  # perplexity: each line a document
+    precision: str | None = None  # perplexity: None, fp32
 
 
 # --- checks before any file is read: the --ref and -m a metric needs -----------------------
@@ -156,7 +157,7 @@ def _paired_test(name: str, systems: Systems, refs: Refs, test: str, o: _Options
 def _perplexity(hyps: list[str], refs: None, o: _Options) -> dict:
     from llmcli.tasks import perplexity  # torch: only when a model is scored
 
-    given = {k: v for k, v in (("stride", o.stride), ("per_line", o.per_line)) if v is not None}
+    given = {k: v for k, v in (("stride", o.stride), ("per_line", o.per_line), ("precision", o.precision)) if v is not None}
     return {"metric": "perplexity", **perplexity(o.model, hyps, **given)}
 
 
@@ -276,7 +277,9 @@ METRICS = {
     "rouge": _Spec(_needs_refs, _text_refs, _rouge, _rouge_table, ("--tokenize", "--stem", "--confidence")),
     "squad": _Spec(_needs_one_ref, _squad_refs, _squad, _squad_table, ("--lang",)),
     "exact": _Spec(_needs_refs, _text_refs, _exact, _exact_table, ("--lowercase",)),
-    "perplexity": _Spec(_needs_model, _no_refs, _perplexity, _perplexity_table, ("--model", "--stride", "--per-line")),
+    "perplexity": _Spec(
+        _needs_model, _no_refs, _perplexity, _perplexity_table, ("--model", "--stride", "--per-line", "--precision")
+    ),
 }
 Metric = Enum("Metric", {name: name for name in METRICS}, type=str)  # the --metric choices, in table order
 
@@ -289,15 +292,17 @@ def _check_option_use(name: str, given: dict[str, object]) -> None:
             raise UserError(f"{option} does not apply to --metric {name} (only to {allowed})")
 
 
-def _check_inputs(systems: list[str], refs: list[str], confidence: bool | None, paired: str) -> None:
+def _check_inputs(systems: list[str], refs: list[str], confidence: bool | None, paired: str | None) -> None:
     if (systems + refs).count(STDIN_NAME) > 1:
         raise UserError("stdin ('-') can be read only once")
     if STDIN_NAME in systems and sys.stdin.isatty():
         raise UserError("no hypothesis file given and stdin is a terminal (pass HYP or pipe text in)")
     if len(systems) > 1 and confidence:
         raise UserError("--confidence takes one system; with --hyp the paired bootstrap test reports a 95% CI per system")
-    if paired not in ("bs", "ar"):
+    if paired is not None and paired not in ("bs", "ar"):
         raise UserError(f"--paired must be bs or ar, not {paired!r}")
+    if paired is not None and len(systems) == 1:
+        raise UserError("--paired compares systems: give the others with --hyp HYP")
 
 
 def eval_command(
@@ -321,11 +326,12 @@ def eval_command(
         help="Another system's output; the first system is the baseline of a paired significance test (bleu, chrf, ter).",
         show_default=False,
     ),
-    paired: str = typer.Option(
-        "bs",
+    paired: str | None = typer.Option(
+        None,
         "--paired",
         metavar="bs|ar",
-        help="Paired test for several systems: bs (bootstrap resampling) or ar (approximate randomization).",
+        help="Paired test for several systems: bs (bootstrap resampling) or ar (approximate randomization) [default: bs].",
+        show_default=False,
     ),
     tokenize: str | None = typer.Option(
         None,
@@ -366,6 +372,12 @@ def eval_command(
     per_line: bool | None = typer.Option(
         None, "--per-line", help="perplexity: each line a document, [bos] line [eos], instead of one text."
     ),
+    precision: str | None = typer.Option(
+        None,
+        "--precision",
+        help="perplexity: fp32 | bf16 | int8 | int4 | auto, as for generate [default: fp32].",
+        show_default=False,
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
 ) -> None:
     """Score hypotheses against references: BLEU, chrF, TER (sacrebleu), ROUGE (rouge-score),
@@ -399,6 +411,7 @@ def eval_command(
         "--model": model,
         "--stride": stride,
         "--per-line": per_line,
+        "--precision": precision,
     }
     _check_option_use(name, given)
     paths = ([hyp] if hyp is not None else []) + list(more_hyps or []) or [STDIN_NAME]
@@ -408,9 +421,9 @@ def eval_command(
     _route_library_warnings()
     systems = [(_name(path), _read_nonempty(path)) for path in paths]
     references = spec.read_refs(ref_paths, systems)
-    options = _Options(tokenize, bool(lowercase), bool(stem), bool(confidence), lang_code, model, stride, per_line)
+    options = _Options(tokenize, bool(lowercase), bool(stem), bool(confidence), lang_code, model, stride, per_line, precision)
     if len(systems) > 1:
-        result = _paired_test(name, systems, references, paired, options)
+        result = _paired_test(name, systems, references, paired or "bs", options)
     else:
         result = spec.score(systems[0][1], references, options)
     print(json.dumps(result, ensure_ascii=False) if as_json else format_table(result), flush=True)

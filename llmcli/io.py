@@ -8,9 +8,11 @@ warning per stream naming the first bad line, never a crash.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import io
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -179,6 +181,67 @@ def _link_fd(fd: int, name: str) -> None:
 
 def _temporary_name(path: Path) -> str:
     return str(path.parent / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+
+
+def temporary_directory(path: str | os.PathLike) -> Path:
+    """A new empty directory beside `path`, named as a temporary (.NAME.PID.HEX.tmp), to fill and
+    then put in place with replace_directory."""
+    d = Path(_temporary_name(Path(path)))
+    d.mkdir(parents=True)
+    return d
+
+
+def replace_directory(new: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Put the complete directory `new` in place of `path`, as os.replace does for a file: a crash
+    at any moment leaves the old directory or the new one under `path`, whole; the old one is
+    removed after. Linux swaps the two names in one step (renameat2 RENAME_EXCHANGE); elsewhere,
+    or on a filesystem without it, the old one is moved aside first, a moment with neither."""
+    new, path = Path(new), Path(path)
+    if not path.exists():
+        os.rename(new, path)
+        return
+    if _exchange(new, path):
+        shutil.rmtree(new, ignore_errors=True)  # the old one, under the temporary name now
+        return
+    aside = _temporary_name(path)
+    os.rename(path, aside)
+    os.rename(new, path)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def remove_directory(path: str | os.PathLike) -> None:
+    """Renamed to a temporary name first, so a crash never leaves part of it under its own name."""
+    aside = _temporary_name(Path(path))
+    os.rename(path, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+@functools.cache
+def _renameat2():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a libc without it (glibc < 2.28)
+        return None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically; False where the system or filesystem cannot."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    import ctypes
+
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2  # as rename(2) documents
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 def default_file_mode() -> int:

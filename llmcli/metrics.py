@@ -39,7 +39,12 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[。！？])")
 def _seed() -> int | None:
     # The same switch sacrebleu's own resampling reads, so all intervals reproduce alike.
     seed = os.environ.get("SACREBLEU_SEED", "12345")
-    return None if seed.lower() == "none" else int(seed)
+    if seed.lower() == "none":
+        return None
+    try:
+        return int(seed)
+    except ValueError:
+        raise UserError(f"SACREBLEU_SEED must be an integer or 'none', not {seed!r}") from None
 
 
 def looks_chinese(texts: Sequence[str]) -> bool:
@@ -75,6 +80,28 @@ def _sacrebleu_metric(name: str, refs, *, tokenize: str | None, lowercase: bool,
     raise ValueError(f"not a sacrebleu metric: {name}")
 
 
+def _bootstrap_scores_of_one_type(metric) -> None:
+    """Make sacrebleu's chrF bootstrap scores all float32.
+
+    A resample with no character n-gram in common with its references scores a Python 0.0
+    where every other resample scores a numpy float32 (its statistics are float32 arrays),
+    and sacrebleu 2.6's `Score.estimate_ci` (`statistics.mean`) raises TypeError on the mix:
+    `sacrebleu -m chrf --confidence` itself fails so on short or poor outputs. As float32
+    the zeros change no number sacrebleu reports where it works.
+    """
+    import numpy as np
+
+    compute = metric._compute_score_from_stats
+
+    def score_from_stats(stats):
+        score = compute(stats)
+        if isinstance(stats, np.ndarray):  # a bootstrap resample; the corpus score itself gets a list
+            score.score = stats.dtype.type(score.score)
+        return score
+
+    metric._compute_score_from_stats = score_from_stats
+
+
 def _sacrebleu_score(
     name: str,
     hyps: Sequence[str],
@@ -87,6 +114,10 @@ def _sacrebleu_score(
 ) -> dict:
     """Corpus BLEU, chrF or TER (`name`) with sacrebleu's defaults and signature."""
     metric = _sacrebleu_metric(name, refs, tokenize=tokenize, lowercase=lowercase, lang=lang)
+    if confidence:
+        _seed()  # sacrebleu reads SACREBLEU_SEED too, with a traceback where it is not a number
+        if name == "chrf":
+            _bootstrap_scores_of_one_type(metric)
     result = metric.corpus_score(list(hyps), None, n_bootstrap=CONFIDENCE_SAMPLES if confidence else 1)
     out = {
         "metric": name,
@@ -147,6 +178,7 @@ def paired_test(
 
     if test not in ("bs", "ar"):
         raise UserError(f"unknown paired test {test!r} (choose bs or ar)")
+    _seed()
     metric = _sacrebleu_metric(name, refs, tokenize=tokenize, lowercase=lowercase, lang=lang)
     named = [(system, list(hyps)) for system, hyps in systems]
     signatures, table = PairedTest(named, {name: metric}, references=None, test_type=test)()
@@ -389,7 +421,7 @@ def squad_answers(text: str, name: str = "<references>") -> list[list[str]]:
         whole = None
     if isinstance(whole, dict) and "data" in whole:
         try:
-            return [
+            questions = [
                 [a["text"] for a in qa["answers"]]
                 for article in whole["data"]
                 for paragraph in article["paragraphs"]
@@ -397,9 +429,15 @@ def squad_answers(text: str, name: str = "<references>") -> list[list[str]]:
             ]
         except (KeyError, TypeError) as e:
             raise UserError(f"{name}: not SQuAD json (missing or malformed {e})") from None
+        for number, golds in enumerate(questions, start=1):
+            if not all(isinstance(g, str) for g in golds):
+                raise UserError(f'{name}: question {number}: an answer "text" is not a string')
+        return questions
 
     questions = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" only: str.splitlines would also break inside JSON strings holding
+    # U+2028, U+0085 and other characters that JSON leaves unescaped.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -412,9 +450,12 @@ def squad_answers(text: str, name: str = "<references>") -> list[list[str]]:
         if not isinstance(answers, list):
             raise UserError(f'{name}:{number}: needs an "answers" list')
         try:
-            questions.append([a if isinstance(a, str) else a["text"] for a in answers])
+            golds = [a if isinstance(a, str) else a["text"] for a in answers]
         except (KeyError, TypeError):
-            raise UserError(f'{name}:{number}: each answer must be a string or have a "text"') from None
+            golds = None
+        if golds is None or not all(isinstance(g, str) for g in golds):
+            raise UserError(f'{name}:{number}: each answer must be a string or have a "text" string')
+        questions.append(golds)
     return questions
 
 

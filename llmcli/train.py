@@ -7,6 +7,12 @@ the last weights, the optimizer's moments and the data position. Dropout is seed
 per batch from (seed, epoch, batch index), so there is no RNG state to carry and a
 batch gets the same dropout on any process.
 
+A run is resumable from before its first step: the state is saved then, and at every save
+train_state/ is replaced whole, so kill -9 at any moment leaves one that resumes exactly
+(tests/test_train_faults.py). A save that fails (a full disk) and a loss, gradient or weight
+that is NaN or infinite stop the run in one line naming the step and the checkpoint kept; a
+diverged step is never applied nor saved.
+
 Under torchrun the same loop runs on every process with DistributedDataParallel. The
 global batch of a step is `accumulate x processes` batches of `batch_tokens`: all
 processes know the step's batches, process r takes batches r, r + N, ... of them, and
@@ -50,7 +56,7 @@ from llmcli.data import (
 from llmcli.device import check_precision, process_device
 from llmcli.distributed import World, all_reduce_sum, broadcast_from_main, join, leave, world_from_env
 from llmcli.errors import UserError
-from llmcli.io import atomic_write, read_lines, warn
+from llmcli.io import atomic_write, read_lines, remove_directory, replace_directory, temporary_directory, warn
 from llmcli.model import Transformer
 from llmcli.qa_data import qa_source, read_qa_records
 from llmcli.tokenizer import Tokenizer, train_tokenizer
@@ -236,6 +242,8 @@ def _read_pair(src: str | None, tgt: str | None, split: str) -> Corpus:
     if len(sources) != len(targets):
         raise UserError(f"{src} has {len(sources)} lines but {tgt} has {len(targets)}; they must be line-aligned")
     keep = [i for i, (s, t) in enumerate(zip(sources, targets)) if s.strip() and t.strip()]
+    if not keep:  # one line, not a warning about the skipped pairs and then this
+        raise UserError(f"the {split} set is empty" + (" (every pair has an empty side)" if sources else ""))
     if len(keep) < len(sources) and split == "training":
         warn(f"skipped {len(sources) - len(keep)} training pairs with an empty side")
     return Corpus([sources[i] for i in keep], [targets[i] for i in keep])
@@ -319,8 +327,8 @@ def make_config(opts: TrainOptions, src_tok: Tokenizer, tgt_tok: Tokenizer) -> M
 # ---------------------------------------------------------------- state files
 
 
-def _state_paths(out: Path) -> dict[str, Path]:
-    d = out / STATE_DIR
+def _state_paths(out: Path, d: Path | None = None) -> dict[str, Path]:
+    d = out / STATE_DIR if d is None else d
     return {"dir": d, "model": d / checkpoint.WEIGHTS_FILE, "optimizer": d / "optimizer.safetensors", "state": d / "state.json"}
 
 
@@ -353,7 +361,19 @@ def save_train_state(
     world_size: int = 1,
     scaler: torch.amp.GradScaler | None = None,
 ) -> None:
-    paths = _state_paths(out)
+    """train_state/ as a whole: its files are written into a temporary directory beside it, which
+    then takes its place (io.replace_directory). A crash at any moment leaves the previous state or
+    this one, never this step's weights beside the last step's moments or data position."""
+    staging = temporary_directory(out / STATE_DIR)
+    try:
+        _write_train_state(_state_paths(out, staging), model, opt, opts, progress, world_size, scaler)
+        replace_directory(staging, out / STATE_DIR)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _write_train_state(paths, model, opt, opts, progress, world_size, scaler) -> None:
     opt_tensors, opt_meta = _optimizer_tensors(opt)
     checkpoint.save_weights(paths["model"], checkpoint.model_tensors(model))
     # The RNG state is no longer needed (dropout is seeded per batch), but earlier llmcli
@@ -367,7 +387,6 @@ def save_train_state(
     }
     if scaler is not None:
         state["grad_scaler"] = scaler.state_dict()
-    # The state file goes last: its presence means the files beside it are complete.
     with atomic_write(paths["state"]) as f:
         json.dump(state, f, indent=1)
 
@@ -375,7 +394,8 @@ def save_train_state(
 def load_train_state(out: Path) -> dict:
     paths = _state_paths(out)
     if not paths["state"].is_file():
-        raise UserError(f"{out}: nothing to resume (no {STATE_DIR}/state.json)")
+        # A run saves its state before its first step: this one never started (or is no run).
+        raise UserError(f"{out}: nothing to resume (no {STATE_DIR}/state.json); start the run without --resume")
     try:
         return json.loads(paths["state"].read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -410,10 +430,30 @@ def _resumed_accumulate(saved: dict, requested: int | None, world: World, out: P
 
 
 def _keep_checkpoint(out: Path, step: int, keep: int, model: Transformer, tgt_tok, src_tok, generation: dict) -> None:
+    # Made under a temporary name and moved into place whole, removed by a move out of the way
+    # first: `llmcli average RUN/checkpoints/step-*` never meets half of one after a crash.
     root = out / CHECKPOINTS_DIR
-    checkpoint.save_model(root / f"step-{step:07d}", model, tgt_tok, src_tok, generation)
+    target = root / f"step-{step:07d}"
+    staging = temporary_directory(target)
+    try:
+        checkpoint.save_model(staging, model, tgt_tok, src_tok, generation)
+        replace_directory(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     for old in sorted(root.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_directory(old)
+
+
+def _remove_leftovers(out: Path) -> None:
+    """The temporary files and directories of writes that a kill cut short: ours (.NAME.*.tmp)
+    and safetensors' own (.tmpXXXXXX, renamed onto ours when complete)."""
+    for d in (out, out / CHECKPOINTS_DIR):
+        for p in [*d.glob(".*.tmp"), *d.glob(".tmp*")]:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- loss, validation, processes
@@ -554,6 +594,7 @@ class Run:
     n_targets: list[int]  # target tokens of each example
     progress: Progress
     ddp: torch.nn.parallel.DistributedDataParallel | None = None  # under torchrun
+    saved_step: int | None = None  # the step of the last state saved, to resume from
 
     @property
     def out(self) -> Path:
@@ -603,9 +644,16 @@ def _setup(
     )
     if saved is not None:
         _restore(run, saved)
+        if world.is_main:
+            _remove_leftovers(run.out)
     elif world.is_main:
         run.out.mkdir(parents=True, exist_ok=True)
-        checkpoint.save_model(run.out, model, tgt_tok, src_tok, run.generation)
+        _remove_leftovers(run.out)
+        # The state too, before the first step: from now on the run can be resumed, whenever it stops.
+        with _saving(run):
+            checkpoint.save_model(run.out, model, tgt_tok, src_tok, run.generation)
+            save_train_state(run.out, model, run.optimizer, opts, run.progress, world.size, run.scaler)
+    run.saved_step = run.progress.step
     if world.distributed:
         run.ddp = _data_parallel(model, device)
     reporter.log(
@@ -684,6 +732,8 @@ def _loop(run: Run, reporter: Reporter) -> TrainResult:
                 loss_sum, any_out_of_time = all_reduce_sum([loss_sum, float(out_of_time)], world, run.device)
                 out_of_time = any_out_of_time > 0
             last_loss = loss_sum / max(n_tokens, 1)
+            if not math.isfinite(last_loss):  # the same sum on every process: all stop here
+                raise _diverged(run, progress.step, f"the loss is {last_loss}")
             rate = speed.add(n_tokens, now)
             reporter.step(StepReport(progress.step, opts.max_steps, last_loss, lr, rate, now - speed.start))
             if progress.step % save_every == 0 or progress.step == opts.max_steps or out_of_time:
@@ -742,8 +792,16 @@ def _optimizer_step(run: Run, batches: list[tuple[int, int, list[int]]], n_token
         loss_sum += loss.item()
     if scaler is not None:
         scaler.unscale_(optimizer)
+    grads = [p.grad for p in run.model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)  # after DDP's all-reduce: the same on every process
+    if scaler is None and not torch.isfinite(norm):
+        # Stop before the update reaches the weights, as fairseq does (FloatingPointError); in
+        # fp16 the scaler skips such a step and lowers its scale instead.
+        loss = loss_sum / max(n_tokens, 1)
+        found = f"the loss is {loss:.4g}" if not math.isfinite(loss) else f"the gradient norm is {norm.item()}"
+        raise _diverged(run, run.progress.step + 1, found)
     if opts.clip_norm > 0:
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), opts.clip_norm)
+        torch.nn.utils.clip_grads_with_norm_(run.model.parameters(), opts.clip_norm, norm)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -791,15 +849,41 @@ def _validate(run: Run, reporter: Reporter) -> tuple[float, bool]:
 def _save(run: Run, improved: bool) -> None:
     """On rank 0: the model when it improved (always without validation data), a kept
     checkpoint if asked for, and the state to resume from."""
-    if not run.world.is_main:
-        return
-    if run.opts.keep_checkpoints:
-        _keep_checkpoint(
-            run.out, run.progress.step, run.opts.keep_checkpoints, run.model, run.tgt_tok, run.src_tok, run.generation
-        )
-    if improved:
-        checkpoint.save_model(run.out, run.model, run.tgt_tok, run.src_tok, run.generation)
-    save_train_state(run.out, run.model, run.optimizer, run.opts, run.progress, run.world.size, run.scaler)
+    if any(not torch.isfinite(p).all() for p in run.model.parameters()):  # an update overflowed
+        raise _diverged(run, run.progress.step, "the weights are not finite")
+    if run.world.is_main:
+        with _saving(run):
+            if run.opts.keep_checkpoints:
+                _keep_checkpoint(
+                    run.out, run.progress.step, run.opts.keep_checkpoints, run.model, run.tgt_tok, run.src_tok, run.generation
+                )
+            if improved:
+                checkpoint.save_model(run.out, run.model, run.tgt_tok, run.src_tok, run.generation)
+            save_train_state(run.out, run.model, run.optimizer, run.opts, run.progress, run.world.size, run.scaler)
+    run.saved_step = run.progress.step
+
+
+def _kept(run: Run) -> str:
+    if run.saved_step is None:
+        return "nothing was saved"
+    return f"the checkpoint of step {run.saved_step} is kept in {run.out}"
+
+
+@contextlib.contextmanager
+def _saving(run: Run):
+    """A write that fails (a full disk, a quota, RLIMIT_FSIZE, permissions) is one line saying what is kept:
+    every file is replaced whole, so the last checkpoint saved is still there."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f"cannot save the checkpoint of step {run.progress.step}: {e.strerror or e}; {_kept(run)}") from None
+
+
+def _diverged(run: Run, step: int, found: str) -> UserError:
+    """A loss, gradient or weight that is NaN or infinite: the run stops (resuming would meet it again)."""
+    return UserError(
+        f"training diverged at step {step}: {found}; {_kept(run)} (start again with a lower --lr or a longer --warmup)"
+    )
 
 
 def _save_interrupted(run: Run) -> None:
@@ -808,9 +892,10 @@ def _save_interrupted(run: Run) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # torchrun passes Ctrl-C on again: let the save finish
     if not run.world.is_main:
         return
-    save_train_state(run.out, run.model, run.optimizer, run.opts, run.progress, run.world.size, run.scaler)
-    if not run.valid_examples:
-        checkpoint.save_model(run.out, run.model, run.tgt_tok, run.src_tok, run.generation)
+    with _saving(run):
+        save_train_state(run.out, run.model, run.optimizer, run.opts, run.progress, run.world.size, run.scaler)
+        if not run.valid_examples:
+            checkpoint.save_model(run.out, run.model, run.tgt_tok, run.src_tok, run.generation)
     warn(f"interrupted at step {run.progress.step}; resume with: llmcli train --resume {run.out}")
 
 
