@@ -13,6 +13,13 @@ best of --repeat runs after one warm-up; the systems alternate so machine noise 
     python bench/decode.py --families marian --threads 2 --repeat 3
     python bench/decode.py --batch 1 --new 64       # one sentence at a time, as in chat
     LLMCLI_ONEDNN=0 python bench/decode.py          # llmcli's linear layers on MKL, as transformers' are
+    python bench/decode.py --families llama --size 135m --batch 1,8 --new 48 --beams 1 \
+        --precision fp32,bf16,int8,int4 --json out.json   # the SmolLM-135M shape; CTranslate2 fp32 and int8
+
+--precision runs llmcli once per kind (llmcli.fast.prepare); CTranslate2 runs at compute_type
+float32 and int8 (--ct2). 'agree' is the share of generated tokens equal to llmcli fp32's (random
+weights give flat distributions, so this is a weak quality signal; the quality guard is measured
+on trained models). The header names the CPU and its flags: the kinds differ most by those.
 
 Where llmcli's time goes (torch.profiler, one thread): the linear layers take 50-80% of it and run
 at 75-105 GFLOP/s through packed oneDNN, near this kind of core's fp32 peak; transformers runs the
@@ -23,6 +30,7 @@ cache every step, beam bookkeeping and Python.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +45,8 @@ SIZES = {
 DECODER_SIZES = {
     "small": dict(d=256, layers=4, heads=4, ffn=1024, vocab=8000),
     "base": dict(d=768, layers=12, heads=12, ffn=3072, vocab=50257),  # GPT-2 124M
+    # SmolLM-135M's shape (Llama only): 3 key/value heads, tied embeddings
+    "135m": dict(d=576, layers=30, heads=9, kv_heads=3, ffn=1536, vocab=49152, tied=True),
 }
 
 
@@ -64,9 +74,10 @@ def build(family: str, size: str, directory: Path):
             model = transformers.GPT2LMHeadModel(cfg)
         else:
             cfg = transformers.LlamaConfig(hidden_size=s["d"], intermediate_size=s["ffn"], num_hidden_layers=s["layers"],
-                                           num_attention_heads=s["heads"], num_key_value_heads=max(1, s["heads"] // 4),
+                                           num_attention_heads=s["heads"],
+                                           num_key_value_heads=s.get("kv_heads", max(1, s["heads"] // 4)),
                                            vocab_size=V, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
-                                           tie_word_embeddings=False)  # fmt: skip
+                                           tie_word_embeddings=s.get("tied", False))  # fmt: skip
             model = transformers.LlamaForCausalLM(cfg)
     model.eval().save_pretrained(directory)
     _word_tokenizer(V, model.config).save_pretrained(directory)
@@ -141,13 +152,14 @@ def run_transformers(model, rows, beam: int, new: int, eos: int):
 
 
 class CTranslate2:
-    def __init__(self, directory: Path, family: str, threads: int):
+    def __init__(self, directory: Path, family: str, threads: int, compute_type: str = "float32"):
         import ctranslate2
 
         out = directory.parent / (directory.name + "-ct2")
-        ctranslate2.converters.TransformersConverter(str(directory)).convert(str(out), force=True)
+        if not out.exists():  # float32 on disk; compute_type quantizes when loading, as `ct2 --compute_type` does
+            ctranslate2.converters.TransformersConverter(str(directory)).convert(str(out), force=True)
         kind = ctranslate2.Translator if family == "marian" else ctranslate2.Generator
-        self.engine = kind(str(out), device="cpu", inter_threads=1, intra_threads=threads)
+        self.engine = kind(str(out), device="cpu", inter_threads=1, intra_threads=threads, compute_type=compute_type)
         self.family = family
 
     def __call__(self, rows, beam: int, new: int, eos: int):
@@ -156,7 +168,7 @@ class CTranslate2:
             tokens = [t + ["</s>"] for t in tokens]
             results = self.engine.translate_batch(tokens, beam_size=beam, max_decoding_length=new,
                                                   min_decoding_length=new, return_scores=False)  # fmt: skip
-            return [r.hypotheses[0] for r in results]
+            return [[int(t[1:]) if t[:1] == "w" else -1 for t in r.hypotheses[0]] for r in results]  # names -> ids
         else:
             results = self.engine.generate_batch(tokens, beam_size=beam, max_length=new, min_length=new,
                                                  include_prompt_in_result=False, return_scores=False)  # fmt: skip
@@ -172,14 +184,35 @@ def best_time(fn, repeat: int) -> tuple[float, object]:
     return best, out
 
 
+def machine() -> dict:
+    """The CPU and the flags that decide which precisions are fast on it."""
+    from llmcli.device import CPU_FLAGS, cpu_flags, cpu_name
+
+    flags = cpu_flags()
+    return {"cpu": cpu_name(), "flags": [f for f in CPU_FLAGS if f in flags],
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}  # fmt: skip
+
+
+def agreement(tokens: list[list[int]], reference: list[list[int]]) -> float:
+    same = sum(a == b for x, y in zip(tokens, reference) for a, b in zip(x, y))
+    return same / max(1, sum(len(y) for y in reference))
+
+
+CT2_NAMES = {"float32": "ct2 fp32", "int8": "ct2 int8", "int8_float32": "ct2 int8", "int16": "ct2 int16"}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=list(SIZES), default="small")
+    p.add_argument("--size", choices=sorted(set(SIZES) | set(DECODER_SIZES)), default="small")
     p.add_argument("--families", default="marian,gpt2,llama", help="comma-separated: marian, gpt2, llama")
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", default="32", help="comma-separated batch sizes")
     p.add_argument("--new", type=int, default=32, help="tokens generated per row")
     p.add_argument("--beams", default="1,4", help="comma-separated beam sizes (1: greedy)")
+    p.add_argument("--precision", default="fp32", help="comma-separated llmcli precisions: fp32, bf16, int8, int4")
+    p.add_argument("--ct2", default="float32,int8", help="comma-separated CTranslate2 compute types ('' for none)")
+    p.add_argument("--no-transformers", action="store_true", help="skip transformers (then 'same' is not checked)")
     p.add_argument("--repeat", type=int, default=2, help="timed runs per measurement (the best counts)")
+    p.add_argument("--json", help="also write the rows and the machine to this JSON file")
     p.add_argument(
         "--threads",
         type=int,
@@ -194,56 +227,68 @@ def main() -> None:
     try:
         import ctranslate2  # noqa: F401
 
-        have_ct2 = True
+        ct2_types = [t for t in args.ct2.split(",") if t]
     except ImportError:
-        have_ct2 = False
+        ct2_types = []
+    precisions = args.precision.split(",")
+    info = machine()
+    print(f"# {info['cpu']}; flags: {' '.join(info['flags']) or '-'}; torch {info['torch']} "
+          f"(cpu capability {info['torch_cpu_capability']}); {args.threads} thread(s); best of {args.repeat} "
+          f"after a warm-up; llmcli int8 kernel: {fast.INT8_KERNEL}", flush=True)  # fmt: skip
     rows_out = []
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.families.split(","):
             directory = Path(tmp) / family
             hf = build(family, args.size, directory)
-            ours = fast.prepare(convert_weights(directory))  # as the commands run it
+            systems_made = {f"llmcli {prec}": fast.prepare(convert_weights(directory), prec) for prec in precisions}
+            ours = next(iter(systems_made.values()))
             V = ours.cfg.vocab_size
             eos = ours.cfg.eos_id
             banned = {ours.cfg.pad_id, ours.cfg.bos_id, eos, ours.cfg.start_id}
-            rows = inputs(V, args.batch, 16, 24, banned) if family == "marian" else inputs(V, args.batch, 8, 16, banned)
-            ct2 = CTranslate2(directory, family, args.threads) if have_ct2 else None
+            engines = {CT2_NAMES.get(t, f"ct2 {t}"): CTranslate2(directory, family, args.threads, t) for t in ct2_types}
             params = sum(x.numel() for x in ours.parameters()) / 1e6
-            for beam in (int(b) for b in args.beams.split(",")):
-                systems = {"llmcli": lambda: run_llmcli(ours, rows, beam, args.new, eos),
-                           "transformers": lambda: run_transformers(hf, rows, beam, args.new, eos)}  # fmt: skip
-                if ct2 is not None:
-                    systems["ctranslate2"] = lambda: ct2(rows, beam, args.new, eos)
-                for fn in systems.values():  # warm-up
-                    fn()
-                times = {name: float("inf") for name in systems}
-                outputs = {}
-                for _ in range(args.repeat):  # alternate, so noise hits all alike
-                    for name, fn in systems.items():
-                        t, outputs[name] = best_time(fn, 1)
-                        times[name] = min(times[name], t)
-                same = outputs["llmcli"] == outputs["transformers"]
-                tokens = args.batch * args.new
-                row = {"model": f"{family}-{args.size} ({params:.1f}M)", "search": "greedy" if beam == 1 else f"beam {beam}",
-                       **{name: tokens / t for name, t in times.items()}, "same": same}  # fmt: skip
-                rows_out.append(row)
-                _print_row(row, have_ct2, header=len(rows_out) == 1)
-    print(f"\nbatch {args.batch}, {args.new} new tokens per row, {args.threads} threads, torch {torch.__version__}; "
-          f"tokens/s = batch x new tokens / best wall time; 'same': llmcli's tokens == transformers'"
-          + ("" if have_ct2 else "; ctranslate2 not installed (pip install ctranslate2 to compare)"))  # fmt: skip
+            for batch in (int(b) for b in args.batch.split(",")):
+                rows = inputs(V, batch, 16, 24, banned) if family == "marian" else inputs(V, batch, 8, 16, banned)
+                for beam in (int(b) for b in args.beams.split(",")):
+                    systems = {name: (lambda m=m: run_llmcli(m, rows, beam, args.new, eos)) for name, m in systems_made.items()}
+                    if not args.no_transformers:
+                        systems["transformers"] = lambda: run_transformers(hf, rows, beam, args.new, eos)
+                    for name, engine in engines.items():
+                        systems[name] = lambda e=engine: e(rows, beam, args.new, eos)
+                    for fn in systems.values():  # warm-up
+                        fn()
+                    times = {name: float("inf") for name in systems}
+                    outputs = {}
+                    for _ in range(args.repeat):  # alternate, so noise hits all alike
+                        for name, fn in systems.items():
+                            t, outputs[name] = best_time(fn, 1)
+                            times[name] = min(times[name], t)
+                    tokens = batch * args.new
+                    reference = outputs.get("llmcli fp32")
+                    row = {"model": f"{family}-{args.size} ({params:.1f}M)", "batch": batch,
+                           "search": "greedy" if beam == 1 else f"beam {beam}",
+                           "tok_s": {name: tokens / t for name, t in times.items()},
+                           "agree": {name: agreement(out, reference) for name, out in outputs.items()} if reference else {},
+                           "same": outputs["llmcli fp32"] == outputs["transformers"] if reference and "transformers" in outputs else None}  # fmt: skip
+                    rows_out.append(row)
+                    _print_row(row, header=len(rows_out) == 1)
+    print(f"\n{args.new} new tokens per row; tok/s = batch x new tokens / best wall time; 'same': llmcli fp32's "
+          "tokens == transformers'" + ("" if ct2_types else "; ctranslate2 not installed (pip install ctranslate2 to compare)"))  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": info, "args": vars(args), "rows": rows_out}, indent=1))
 
 
-def _print_row(row: dict, have_ct2: bool, header: bool) -> None:
-    cols = f"{'model':22} {'search':7} {'llmcli tok/s':>12} {'transformers':>12} {'ratio':>6}"
-    if have_ct2:
-        cols += f" {'ctranslate2':>12} {'ratio':>6}"
+def _print_row(row: dict, header: bool) -> None:
     if header:
-        print(cols + "  same")
-    line = (f"{row['model']:22} {row['search']:7} {row['llmcli']:12,.0f} {row['transformers']:12,.0f} "
-            f"{row['llmcli'] / row['transformers']:5.2f}x")  # fmt: skip
-    if have_ct2:
-        line += f" {row['ctranslate2']:12,.0f} {row['llmcli'] / row['ctranslate2']:5.2f}x"
-    print(line + f"  {'yes' if row['same'] else 'no'}", flush=True)
+        print(f"{'model':24} {'batch':>5} {'search':7} {'system':13} {'tok/s':>9} {'/ct2 fp32':>9} {'/ct2 int8':>9} {'agree':>6}")
+    tok = row["tok_s"]
+    for name, value in tok.items():
+        ratios = [f"{value / tok[peer]:8.2f}x" if peer in tok else f"{'-':>9}" for peer in ("ct2 fp32", "ct2 int8")]
+        agree = row["agree"].get(name)
+        print(f"{row['model']:24} {row['batch']:5} {row['search']:7} {name:13} {value:9,.1f} {' '.join(ratios)} "
+              f"{'-' if agree is None else f'{agree:.2f}':>6}")  # fmt: skip
+    if row["same"] is not None:
+        print(f"{'':24} llmcli fp32 tokens == transformers': {'yes' if row['same'] else 'NO'}", flush=True)
 
 
 if __name__ == "__main__":

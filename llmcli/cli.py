@@ -224,6 +224,11 @@ MODEL = typer.Option(
     show_default=False,
 )
 DEVICE = typer.Option("auto", help="auto | cpu | cuda | cuda:N.")
+PRECISION = typer.Option(
+    "fp32",
+    help="fp32 (the same tokens as transformers) | bf16 (CPUs with avx512_bf16 or amx_bf16, GPUs) | int8 | int4 "
+    "(CPU: quantized weights) | auto (what `llmcli info` says this machine picks).",
+)
 ON_LONG = typer.Option(None, help="Inputs longer than the model's positions: truncate (default) | error | skip, with a warning.")
 CHUNK_LINES = typer.Option(None, help="Lines read, sorted by length and batched together (default 2000; 1 on a terminal).")
 FORMAT = typer.Option("text", "--format", help="text | jsonl | tsv (index<TAB>score<TAB>text, one row per hypothesis).")
@@ -284,7 +289,7 @@ def _write_outputs(outputs, fmt: str, output: str | None, quiet: bool, label: st
                 bar.update(index + 1, tokens, time.monotonic() - started)
 
 
-def _seq2seq_command(task, files, model, device, quiet, fmt, output, instruction, **settings):
+def _seq2seq_command(task, files, model, device, precision, quiet, fmt, output, instruction, **settings):
     from llmcli.device import resolve_device
     from llmcli.tasks import DecodeSettings, open_model, seq2seq
 
@@ -294,7 +299,7 @@ def _seq2seq_command(task, files, model, device, quiet, fmt, output, instruction
     if not files and sys.stdin.isatty():
         settings["chunk_lines"] = 1  # someone is typing: answer each line as it comes
     decode = DecodeSettings(**settings)
-    loaded = open_model(model, task, device=resolve_device(device))
+    loaded = open_model(model, task, device=resolve_device(device), precision=precision)
     _write_outputs(seq2seq(loaded, _input_lines(files), decode, task, instruction), fmt, output, quiet, task)
 
 
@@ -321,6 +326,7 @@ def translate(
         None, help="The language to translate into: instruct models a name (German); NLLB/M2M100 its code (deu_Latn, de)."
     ),
     device: str = DEVICE,
+    precision: str = PRECISION,
     quiet: bool = QUIET,
 ) -> None:
     """Translate text, one output line per input line, in order.
@@ -332,7 +338,7 @@ def translate(
     llmcli translate -m Qwen/Qwen2.5-0.5B-Instruct --target-lang German news.en;
     llmcli translate -m facebook/nllb-200-distilled-600M --source-lang eng_Latn --target-lang deu_Latn news.en
     """
-    _seq2seq_command("translate", files, model, device, quiet, fmt, output, _instruction(prompt, source_lang, target_lang),
+    _seq2seq_command("translate", files, model, device, precision, quiet, fmt, output, _instruction(prompt, source_lang, target_lang),
                      beam_size=beam, n_best=n_best,
                      length_penalty=length_penalty, max_len=max_len, no_repeat_ngram_size=no_repeat_ngram,
                      batch_tokens=batch_tokens, chunk_lines=chunk_lines, on_long=on_long)  # fmt: skip
@@ -356,6 +362,7 @@ def summarize(
     on_long: str = ON_LONG,
     prompt: str = PROMPT,
     device: str = DEVICE,
+    precision: str = PRECISION,
     quiet: bool = QUIET,
 ) -> None:
     """Summarize documents, one summary line per input line, in order.
@@ -365,7 +372,7 @@ def summarize(
 
     Example: llmcli summarize -m sum-model articles.txt > summaries.txt
     """
-    _seq2seq_command("summarize", files, model, device, quiet, fmt, output, _instruction(prompt),
+    _seq2seq_command("summarize", files, model, device, precision, quiet, fmt, output, _instruction(prompt),
                      beam_size=beam, n_best=n_best,
                      length_penalty=length_penalty, max_len=max_len, min_len=min_len,
                      no_repeat_ngram_size=no_repeat_ngram, batch_tokens=batch_tokens, chunk_lines=chunk_lines,
@@ -386,6 +393,7 @@ def qa(
     on_long: str = ON_LONG,
     prompt: str = PROMPT,
     device: str = DEVICE,
+    precision: str = PRECISION,
     quiet: bool = QUIET,
 ) -> None:
     """Answer questions about a context, one answer per line, in order.
@@ -408,7 +416,7 @@ def qa(
     else:
         records = read_qa_records(file)
     decode = DecodeSettings(beam_size=beam, max_len=max_len, on_long=on_long)
-    loaded = open_model(model, "qa", device=resolve_device(device))
+    loaded = open_model(model, "qa", device=resolve_device(device), precision=precision)
     _write_outputs(answer_questions(loaded, records, decode, _instruction(prompt)), fmt, output, quiet, "qa")
 
 
@@ -432,6 +440,7 @@ def generate(
     output: str = OUTPUT,
     on_long: str = ON_LONG,
     device: str = DEVICE,
+    precision: str = PRECISION,
     quiet: bool = QUIET,
 ) -> None:
     """Continue text with a decoder-only model; streams to a terminal as it is produced.
@@ -451,7 +460,7 @@ def generate(
                               top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, on_long=on_long)  # fmt: skip
     if system is not None and not as_chat:
         raise UserError("--system needs --chat")
-    loaded = open_model(model, "generate", device=resolve_device(device))
+    loaded = open_model(model, "generate", device=resolve_device(device), precision=precision)
     if as_chat:
         _generate_chat(loaded, prompt, input, settings, max_new_tokens, system, echo, fmt, output, quiet)
         return
@@ -459,10 +468,10 @@ def generate(
         stream = output is None and fmt == "text" and sys.stdout.isatty()
         shown = [0]
 
-        def on_text(row, text):
-            sys.stdout.write(text[shown[0] :])
+        def on_text(row, piece):
+            sys.stdout.write(piece)
             sys.stdout.flush()
-            shown[0] = len(text)
+            shown[0] += len(piece)
 
         prefix = prompt if echo else ""
         if stream:
@@ -526,6 +535,7 @@ def chat(
     top_p: float = TOP_P,
     seed: int = typer.Option(None, help="Random seed."),
     device: str = DEVICE,
+    precision: str = PRECISION,
     quiet: bool = QUIET,
 ) -> None:
     """Talk with a decoder-only model, a message a line. A model with a chat template (a Hugging
@@ -543,7 +553,9 @@ def chat(
     _set_quiet(quiet)
     settings = DecodeSettings(sample=None if greedy is None else not greedy, temperature=temperature, top_k=top_k,
                               top_p=top_p, seed=seed)  # fmt: skip
-    session = ChatSession(open_model(model, "chat", device=resolve_device(device)), settings, max_new_tokens, system)
+    session = ChatSession(
+        open_model(model, "chat", device=resolve_device(device), precision=precision), settings, max_new_tokens, system
+    )
     interactive = sys.stdin.isatty()
     if interactive and not quiet:
         print("chat: /system TEXT sets the system message, /reset forgets the conversation, /exit or Ctrl-D ends it",
@@ -589,9 +601,10 @@ def info(model: str = MODEL, json_: bool = typer.Option(False, "--json", help="O
     """
     import json
 
+    from llmcli.device import precision_facts
     from llmcli.tasks import describe, open_model
 
-    facts = describe(open_model(model))
+    facts = {**describe(open_model(model)), **precision_facts()}
     if json_:
         print(json.dumps(facts, ensure_ascii=False))
         return
@@ -761,6 +774,9 @@ def _restore_sigpipe() -> None:
 
 
 def _on_sigterm(signum, frame) -> None:
+    # A second SIGTERM (torchrun sends them to every worker, more than once) ends the process at
+    # once, silently, instead of raising again inside the exit's own clean-up (atexit callbacks).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     raise Terminated()
 
 

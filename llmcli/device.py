@@ -48,3 +48,97 @@ def check_precision(precision: str, device: torch.device) -> None:
         raise UserError(f"--precision bf16 needs a GPU with bfloat16 (Ampere or newer); {name} has none: use fp16")
     if precision != "fp32" and device.type not in ("cuda", "cpu"):
         raise UserError(f"--precision {precision} is for cuda and cpu; use fp32 on {device.type}")
+
+
+# --- inference precisions: `--precision fp32|bf16|int8|int4|auto` on the inference commands ---
+
+INFERENCE_PRECISIONS = ("fp32", "bf16", "int8", "int4", "auto")
+# What this CPU offers for them, as /proc/cpuinfo names it: bf16 products (AVX512-BF16, AMX-BF16),
+# int8 products (VNNI, AMX-INT8), and the AVX-512 that fbgemm's and oneDNN's fast paths need.
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8", "amx_tile")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo; off Linux, what torch's oneDNN build reports."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    flags = set()
+    if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        flags.add("avx512_bf16")  # or AMX: either way bf16 products in hardware
+    return flags
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cpu_has_bf16(flags: set[str] | None = None) -> bool:
+    flags = cpu_flags() if flags is None else flags
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def auto_precision(device: torch.device) -> str:
+    """What `--precision auto` runs: bf16 where the hardware multiplies in it, else fp32.
+
+    Measured (bench/decode.py, one AMD EPYC Zen 4 core, 135M Llama shape and marian-base): int8
+    decodes fastest (1.2-2.8x fp32, 1.0-1.5x bf16), but it quantizes activations per tensor, which
+    outlier channels of trained LLMs punish (LLM.int8(), Dettmers et al. 2022), and neither it nor
+    int4 (slower than int8 here) has yet passed the quality guard on trained models; bf16 only
+    rounds, and softmax, log-probabilities and scores stay float32. Not the default: fp32 is, as
+    it gives transformers' tokens."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu" and cpu_has_bf16() and torch.backends.mkldnn.is_available():
+        return "bf16"
+    return "fp32"
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The inference precision to run, checked against this device (one line when it cannot)."""
+    if precision not in INFERENCE_PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; use {', '.join(INFERENCE_PRECISIONS[:-1])} or auto")
+    if precision == "auto":
+        return auto_precision(device)
+    if precision == "fp32":
+        return precision
+    if device.type not in ("cuda", "cpu"):
+        raise UserError(f"--precision {precision} is for cuda and cpu; use fp32 on {device.type}")
+    if precision == "bf16":
+        if device.type == "cuda":
+            check_precision("bf16", device)
+        elif not cpu_has_bf16():
+            raise UserError(
+                f"--precision bf16 needs a CPU with avx512_bf16 or amx_bf16; {cpu_name()} has neither: use fp32 or int8"
+            )
+        return precision
+    if device.type == "cuda":
+        raise UserError(f"--precision {precision} runs on the CPU only (torch's CPU kernels); on {device} use bf16")
+    if precision == "int4" and not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        raise UserError("--precision int4 needs torch's _weight_int4pack_mm_for_cpu (torch 2.5 or newer): use fp32 or int8")
+    return precision
+
+
+def precision_facts(device: torch.device | None = None) -> dict:
+    """For `llmcli info`: the CPU, its flags that matter to the precisions, and what auto picks."""
+    device = device or torch.device("cpu")
+    flags = cpu_flags()
+    return {
+        "cpu": cpu_name(),
+        "cpu flags": [f for f in CPU_FLAGS if f in flags] or ["none of " + " ".join(CPU_FLAGS)],
+        "torch cpu": torch.backends.cpu.get_cpu_capability(),
+        "precision auto": auto_precision(device),
+    }

@@ -21,6 +21,7 @@ from llmcli import decoding, fast, hub, models
 from llmcli.cache import PAD_TOKEN
 from llmcli.checkpoint import LoadedModel, load_model
 from llmcli.data import IGNORE_INDEX, pad_rows
+from llmcli.device import resolve_precision
 from llmcli.errors import UserError
 from llmcli.io import warn
 from llmcli.qa_data import qa_source
@@ -134,9 +135,10 @@ class Output:
 EMPTY = Output([""], [0.0])
 
 
-def open_model(path: str, task: str | None = None, device: str = "cpu") -> LoadedModel:
+def open_model(path: str, task: str | None = None, device: str = "cpu", precision: str = "fp32") -> LoadedModel:
     """What `-m` names (llmcli or Hugging Face directory, model id), loaded; for `task`, checked
-    to run it and prepared for inference (llmcli.fast)."""
+    to run it and prepared for inference (llmcli.fast) at `precision` (fp32 bf16 int8 int4 auto)."""
+    precision = resolve_precision(precision, torch.device(device))  # before loading: a bad name costs nothing
     path = models.model_for(task, path)  # -m left out: $LLMCLI_MODEL, the stored default, the demo
     loaded = load_model(hub.resolve(path), device=device)
     if task is None:
@@ -146,7 +148,7 @@ def open_model(path: str, task: str | None = None, device: str = "cpu") -> Loade
         raise UserError(
             f"{path} is {'an' if loaded.config.architecture[0] in 'aeiou' else 'a'} {loaded.config.architecture} model; it runs {', '.join(allowed)}, not {task}"
         )
-    fast.prepare(loaded.model)
+    fast.prepare(loaded.model, precision)
     return loaded
 
 
@@ -562,7 +564,7 @@ def generate(
 ) -> Iterator[Output]:
     """Continue each prompt; an empty prompt starts from the beginning of a text.
 
-    `on_text(row, text_so_far)` streams a single prompt's continuation as it is produced.
+    `on_text(row, new_text)` streams a single prompt's continuation, piece by piece, as it is produced.
     """
     model, cfg, tok = loaded.model, loaded.config, loaded.tokenizer
     if max_new_tokens < 1:
@@ -590,12 +592,11 @@ def generate(
         start = pad_rows(prompts_ids, PAD_TOKEN, left=True).to(model.device)
         on_tokens = None
         if on_text is not None and len(rows) == 1:
-            produced: list[int] = []
+            text = tok.stream()
 
             def on_tokens(row_indices, tokens):
-                if tokens[0] not in stop_ids:
-                    produced.append(tokens[0])
-                    on_text(first_line - 1 + rows[0], tok.decode(produced))
+                if tokens[0] not in stop_ids and (piece := text.push(tokens[0])):
+                    on_text(first_line - 1 + rows[0], piece)
 
         hyps = _decode_batch(loaded, model.step, model.new_cache(len(prompts_ids)), start, max_new_tokens, settings,
                              suppress, on_tokens)  # fmt: skip
@@ -605,7 +606,7 @@ def generate(
 
 
 def perplexity(spec: str, text_lines: list[str], *, stride: int | None = None, per_line: bool = False,
-               batch_tokens: int = 8192) -> dict:  # fmt: skip
+               batch_tokens: int = 8192, precision: str = "fp32") -> dict:  # fmt: skip
     """Perplexity of a decoder-only model (`-m` spec) on text, as the field computes it.
 
     By default the lines are one text (joined with "\\n"), tokenized as the model's tokenizer
@@ -628,7 +629,7 @@ def perplexity(spec: str, text_lines: list[str], *, stride: int | None = None, p
         raise UserError(f"batch_tokens {batch_tokens} must be at least 1")
     if not per_line and not any(text_lines):
         raise UserError("no text to score: every line is empty")
-    loaded = open_model(spec, "generate")
+    loaded = open_model(spec, "generate", precision=precision)
     if per_line:
         return _perplexity(loaded, text_lines, batch_tokens)
     return _stream_perplexity(loaded, text_lines, stride, batch_tokens)
@@ -811,24 +812,18 @@ class ChatSession:
         loaded, tok = self.loaded, self.loaded.tokenizer
         model = loaded.model
         start = torch.tensor([ids], dtype=torch.long, device=model.device)
-        produced: list[int] = []
-        shown = [""]
+        shown = tok.stream()
         stops = set(self.stop_ids)
 
         def on_tokens(rows, tokens):
-            if tokens[0] in stops:
-                return
-            produced.append(tokens[0])
-            text = tok.decode(produced)
-            if on_text is not None and not text.endswith("\ufffd") and text.startswith(shown[0]) and text != shown[0]:
-                on_text(text[len(shown[0]) :])  # a partial UTF-8 character waits for its next bytes
-                shown[0] = text
+            if tokens[0] not in stops and (piece := shown.push(tokens[0])):
+                on_text(piece)
 
         hyps = _decode_batch(loaded, model.step, model.new_cache(1), start, self.max_new_tokens, self.settings,
-                             _suppressed(loaded), on_tokens)  # fmt: skip
+                             _suppressed(loaded), on_tokens if on_text is not None else None)  # fmt: skip
         text = tok.decode(hyps[0][0].tokens)
-        if on_text is not None and text.startswith(shown[0]) and text != shown[0]:
-            on_text(text[len(shown[0]) :])
+        if on_text is not None and text.startswith(shown.text) and text != shown.text:
+            on_text(text[len(shown.text) :])  # what a last incomplete character left unsaid
         return text
 
     def _plain_reply(self, message: str, on_text: Callable[[str], None] | None) -> str:
@@ -842,14 +837,15 @@ class ChatSession:
         body_ids = tok.encode(body)
         if len(body_ids) > room:
             body = tok.decode(body_ids[-room:])
-        shown = [""]
+        shown, ended = [""], [False]
 
-        def stream(row, text):
+        def stream(row, piece):
             # A reply is one line: show it up to the first newline.
-            line = text.split("\n", 1)[0]
-            if on_text is not None and line != shown[0]:
-                on_text(line[len(shown[0]) :])
-                shown[0] = line
+            if on_text is not None and not ended[0]:
+                line, ended[0] = piece.split("\n", 1)[0], "\n" in piece
+                if line:
+                    on_text(line)
+                    shown[0] += line
 
         result = next(generate(self.loaded, [head + body], self.settings, self.max_new_tokens, on_text=stream, task="chat"))
         answer = result.text.split("\n", 1)[0]

@@ -119,6 +119,10 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.decode_batch([ids])[0]
 
+    def stream(self) -> TextStream:
+        """A decoder for tokens arriving one at a time (a streamed reply)."""
+        return TextStream(self)
+
     def save(self, path: str | Path) -> None:
         text = self.hf.to_str(pretty=True)
         with atomic_write(path) as f:
@@ -287,3 +291,23 @@ def _finish(hf: tokenizers.Tokenizer, kind: str) -> Tokenizer:
     for i, name in enumerate(SPECIAL_TOKENS + BYTE_TOKENS):
         assert hf.token_to_id(name) == i, (name, hf.token_to_id(name))
     return Tokenizer(hf, pad_id=0, bos_id=1, eos_id=2, unk_id=3)
+
+
+class TextStream:
+    """The text of tokens as they arrive, each piece given once. tokenizers' DecodeStream decodes
+    the few tokens around the newest rather than the whole sequence at every step (which made
+    a long streamed reply quadratic), and holds back a partial UTF-8 character until its last
+    byte arrives. `text` is all that was given; it equals `Tokenizer.decode` of the tokens."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tokenizer = tokenizer
+        self._stream = decoders.DecodeStream(skip_special_tokens=True)
+        self.text = ""
+
+    def push(self, token_id: int) -> str:
+        """The new text `token_id` completes ("" while a character is incomplete)."""
+        if token_id in self._tokenizer._skip:
+            return ""
+        piece = self._stream.step(self._tokenizer.hf, token_id) or ""
+        self.text += piece
+        return piece

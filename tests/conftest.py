@@ -9,6 +9,15 @@ import pytest
 
 from llmcli import demo_data
 
+# Under pytest-xdist (pyproject's addopts: one worker per core) each worker, and each llmcli
+# subprocess a test starts, computes on one thread: the tiny models gain nothing from more, and
+# workers times threads past the cores slows every test.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 

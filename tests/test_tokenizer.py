@@ -83,6 +83,21 @@ def test_round_trip_of_whitespace_and_lookalikes(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_a_stream_gives_the_decoded_text_piece_by_piece(kind):
+    tok = trained(kind)
+    for text in [nfkc(SAMPLES[name]) for name in sorted(SAMPLES)] + WHITESPACE:
+        ids = tok.encode(text, add_bos=True, add_eos=True)
+        stream = tok.stream()
+        pieces = [stream.push(i) for i in ids]
+        assert "".join(pieces) == stream.text
+        if "\ufffd" in text:  # a stream holds back a trailing U+FFFD: the next byte could complete it
+            assert text.startswith(stream.text)
+        else:
+            assert stream.text == tok.decode(ids) == text
+            assert all("\ufffd" not in p for p in pieces)  # a character split over byte tokens comes whole
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_corpus_full_of_token_names(kind):
     texts = ["<0x41>", "<s>", "</s> <pad> <unk>", "x<0x41>y <s>"] * 100
     tok = train_tokenizer(texts, vocab_size=600, kind=kind)

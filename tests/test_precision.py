@@ -1,0 +1,184 @@
+"""`--precision fp32|bf16|int8|int4|auto` (llmcli.fast.prepare, llmcli.device.resolve_precision):
+fp32 decodes the same tokens as before and as transformers; bf16, int8 and int4 give logits
+close to fp32's on tiny random Llama and Marian models, through the library and the CLI, one
+output line per input; a CPU without bf16 and an unknown precision are one-line errors."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from llmcli import decoding, device, fast, tasks  # noqa: E402
+from llmcli.cli import app  # noqa: E402
+from llmcli.convert import convert_weights  # noqa: E402
+
+V = 128  # a multiple of 16, so int4 quantizes the output layer too
+# ||logits - fp32 logits|| / ||fp32 logits - their mean||, over a prompt's step and 3 rows.
+# Measured on these models: bf16 ~0.01, int8 ~0.02, int4 ~0.10 (groups of 32, 4 bits: the
+# weights' error alone is ~8% a layer); the bounds are about 3x that.
+TOLERANCE = {"bf16": 0.04, "int8": 0.08, "int4": 0.3}
+needs_bf16 = pytest.mark.skipif(not device.cpu_has_bf16(), reason="this CPU has no avx512_bf16 or amx_bf16")
+
+
+def _word_tokenizer(directory, config) -> None:
+    names = {i: f"w{i}" for i in range(V)}
+    names.update({config.bos_token_id: "<s>", config.eos_token_id: "</s>", V - 1: "<unk>"})
+    tok = Tokenizer(models.WordLevel({n: i for i, n in names.items()}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast_tok.save_pretrained(directory)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """(HF directory, HF model) of a tiny random Llama with tied embeddings."""
+    d = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=V, max_position_embeddings=64, bos_token_id=1,
+                                   eos_token_id=2, tie_word_embeddings=True)  # fmt: skip
+    model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():  # larger than the default init: peaked, context-dependent predictions
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    model.eval().save_pretrained(d)
+    _word_tokenizer(d, cfg)
+    return d, model
+
+
+@pytest.fixture(scope="module")
+def marian(tmp_path_factory):
+    d = tmp_path_factory.mktemp("marian")
+    torch.manual_seed(0)
+    cfg = transformers.MarianConfig(vocab_size=V, d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                                    decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+                                    max_position_embeddings=64, pad_token_id=V - 1, eos_token_id=0,
+                                    decoder_start_token_id=V - 1, forced_eos_token_id=None, activation_function="swish")  # fmt: skip
+    transformers.MarianMTModel(cfg).eval().save_pretrained(d)
+    return d
+
+
+PROMPTS = torch.tensor([[5, 9, 13, 40, 7], [3, 3, 60, 90, 11], [20, 21, 22, 23, 24]])
+
+
+def _step_logits(model) -> torch.Tensor:
+    with torch.inference_mode():
+        if model.cfg.is_encoder_decoder:
+            mask = torch.ones_like(PROMPTS, dtype=torch.bool)
+            cache = model.new_cache(3, model.encode(PROMPTS, mask), mask)
+            return model.step(torch.full((3, 1), model.cfg.start_id), cache)
+        return model.step(PROMPTS, model.new_cache(3))
+
+
+def _relative_error(logits: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((logits - reference).norm() / (reference - reference.mean(-1, keepdim=True)).norm())
+
+
+def test_fp32_is_unchanged_and_matches_transformers(llama):
+    d, hf = llama
+    base = convert_weights(d)
+    before, now = fast.prepare(copy.deepcopy(base)), fast.prepare(copy.deepcopy(base), "fp32")
+    common = dict(eos_id=2, max_new_tokens=8, min_new_tokens=8)  # eos banned: every row has 8 tokens
+    with torch.inference_mode():
+        ours = [h.tokens for h in decoding.greedy_search(now.step, now.new_cache(3), PROMPTS, **common)]
+        old = [h.tokens for h in decoding.greedy_search(before.step, before.new_cache(3), PROMPTS, **common)]
+        theirs = hf.generate(input_ids=PROMPTS, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=2)
+    assert ours == old == theirs[:, PROMPTS.shape[1] :].tolist()
+    assert all(type(m) is fast.PackedLinear for m in now.modules() if isinstance(m, torch.nn.Linear))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("family", ["llama", "marian"])
+def test_logits_close_to_fp32(precision, family, llama, marian):
+    if precision == "bf16" and not device.cpu_has_bf16():
+        pytest.skip("this CPU has no avx512_bf16 or amx_bf16")
+    base = convert_weights(llama[0] if family == "llama" else marian)
+    reference = _step_logits(fast.prepare(copy.deepcopy(base)))
+    model = fast.prepare(copy.deepcopy(base), precision)
+    logits = _step_logits(model)
+    assert logits.dtype == torch.float32  # softmax, log-probabilities and scores read float32
+    error = _relative_error(logits, reference)
+    assert error < TOLERANCE[precision], error
+    assert error > 0  # the lower precision really ran
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if precision == "bf16":
+        assert all(m.weight.dtype == torch.bfloat16 for m in linears)
+    else:
+        kind = {"int8": fast.Int8Linear, "int4": fast.Int4Linear}[precision]
+        assert all(type(m) is kind for m in linears)
+        assert all(m.__dict__.get(f"_{precision}", (None,) * 3)[2] is not None for m in linears)  # none fell back
+    assert base.state_dict().keys() == model.state_dict().keys()
+
+
+def test_int8_weight_only_fallback_close(llama, monkeypatch):
+    """The kernel a torch without fbgemm (quantized tensors deprecated) falls back to."""
+    if not device.cpu_has_bf16():
+        pytest.skip("bf16 activations are slow without avx512_bf16; the fallback is for newer torches")
+    monkeypatch.setattr(fast, "INT8_KERNEL", "weight-only")
+    base = convert_weights(llama[0])
+    reference = _step_logits(fast.prepare(copy.deepcopy(base)))
+    assert _relative_error(_step_logits(fast.prepare(copy.deepcopy(base), "int8")), reference) < TOLERANCE["int8"]
+
+
+def run(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8", "int4"])
+def test_cli_generate_one_line_per_input(precision, llama, tmp_path):
+    if precision == "bf16" and not device.cpu_has_bf16():
+        pytest.skip("this CPU has no avx512_bf16 or amx_bf16")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("w5 w9 w13\n\nw40 w41\n", encoding="utf-8")
+    result = run("generate", "-m", llama[0], "--input", prompts, "--greedy", "--max-new-tokens", "4", "--precision",
+                 precision, "--quiet", "--device", "cpu")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("\n") == 3  # an empty prompt too gets its line
+
+
+def test_cli_perplexity_int8_close_to_fp32(llama, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("".join(" ".join(f"w{(7 * i + j) % 100 + 3}" for j in range(12)) + "\n" for i in range(6)))
+    fp32 = tasks.perplexity(str(llama[0]), text.read_text().splitlines())["score"]
+    result = run("eval", text, "--metric", "perplexity", "-m", llama[0], "--precision", "int8", "--json")
+    assert result.exit_code == 0, result.output
+    import json
+
+    int8 = json.loads(result.stdout)["score"]
+    assert math.isfinite(int8) and abs(int8 / fp32 - 1) < 0.02, (int8, fp32)
+
+
+def test_cpu_without_bf16_is_one_line(llama, monkeypatch):
+    monkeypatch.setattr(device, "cpu_flags", lambda: {"avx2", "avx512f"})
+    assert device.auto_precision(torch.device("cpu")) == "fp32"
+    result = run("generate", "w5 w9", "-m", llama[0], "--precision", "bf16", "--device", "cpu", "--quiet")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("llmcli: error: --precision bf16 needs a CPU with avx512_bf16 or amx_bf16;")
+    assert result.stderr.count("\n") == 1 and result.stdout == ""
+
+
+@pytest.mark.parametrize("command", [("generate", "w5"), ("eval", "-", "--metric", "perplexity")])
+def test_unknown_precision_is_one_line(command, llama):
+    result = CliRunner().invoke(app, [*command, "-m", str(llama[0]), "--precision", "fp8"], input="w5 w6\n")
+    assert result.exit_code == 2, result.output
+    assert result.stderr == "llmcli: error: unknown precision 'fp8'; use fp32, bf16, int8, int4 or auto\n"
+
+
+def test_info_shows_flags_and_auto(llama, monkeypatch):
+    monkeypatch.setattr(device, "cpu_flags", lambda: {"avx512f", "avx512_bf16", "avx512_vnni", "sse2"})
+    result = run("info", "-m", llama[0])
+    assert result.exit_code == 0, result.output
+    facts = {line[:14].strip(): line[14:].strip() for line in result.stdout.splitlines()}  # "key           value"
+    assert facts["cpu flags"] == "avx512f, avx512_bf16, avx512_vnni"
+    assert facts["precision auto"] == "bf16"
+    monkeypatch.setattr(device, "cpu_flags", lambda: set())
+    assert run("info", "-m", llama[0], "--json").stdout.count('"precision auto": "fp32"') == 1
