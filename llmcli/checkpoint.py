@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,14 +61,24 @@ def save_weights(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, default_file_mode())
     try:
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        try:
+            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        except SafetensorError as e:
+            raise _write_error(e, path) from None
+        os.chmod(tmp, default_file_mode())  # after: safetensors 0.8 writes a file of its own (0o600) and renames it onto tmp
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _write_error(e: SafetensorError, path: Path) -> Exception:
+    """safetensors reports a failed write (a full disk, RLIMIT_FSIZE) as its own error, the errno
+    only in the text: give callers the OSError it is."""
+    code = re.search(r"\(os error (\d+)\)", str(e))
+    return OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) if code else e
 
 
 def _describe_foreign(path: Path) -> str:
@@ -81,19 +92,32 @@ def _describe_foreign(path: Path) -> str:
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file, mapped from it (safe_open): pages are read when used,
     so reading costs no memory until the tensors are."""
+    f = open_weights(path)
+    try:
+        return {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise _read_error(e, path) from None
+
+
+def open_weights(path: Path):
+    """The safe_open handle of a safetensors file (its header read and checked, its data mapped,
+    nothing read yet), or a UserError saying what the file is instead."""
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return {name: f.get_tensor(name) for name in f.keys()}
+        return safe_open(str(path), framework="pt")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        size = path.stat().st_size
-        if size < 8:
-            raise UserError(f"{path}: truncated ({size} bytes)") from None
-        detail = _describe_foreign(path)
-        if detail == "not a safetensors file":
-            detail = f"corrupt or truncated safetensors ({str(e).splitlines()[0]})"
-        raise UserError(f"{path}: {detail}") from None
+        raise _read_error(e, path) from None
+
+
+def _read_error(e: Exception, path: Path) -> UserError:
+    size = path.stat().st_size
+    if size < 8:
+        return UserError(f"{path}: truncated ({size} bytes)")
+    detail = _describe_foreign(path)
+    if detail == "not a safetensors file":
+        detail = f"corrupt or truncated safetensors ({str(e).splitlines()[0]})"
+    return UserError(f"{path}: {detail}")
 
 
 def load_state_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:

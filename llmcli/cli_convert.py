@@ -1,4 +1,4 @@
-"""`llmcli convert`: a Hugging Face checkpoint to an llmcli model directory. Parse, call
+"""`llmcli convert`: a Hugging Face checkpoint or a GGUF file to an llmcli model directory. Parse, call
 `llmcli.convert`, report on stderr."""
 
 from __future__ import annotations
@@ -11,14 +11,15 @@ from llmcli.errors import UserError
 
 
 def convert_command(
-    src: str = typer.Argument(..., help="A Hugging Face model directory, or a model id (local cache; else downloaded)."),
+    src: str = typer.Argument(..., help="A Hugging Face model directory, model id (local cache; else downloaded) or GGUF file."),
     out: str = typer.Argument(..., help="The llmcli model directory to write (config.json, model.safetensors, tokenizer)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No log line on stderr."),
 ) -> None:
-    """Convert a Hugging Face model (MarianMT, BART, mBART, T5, GPT-2, Llama, BERT for QA) into an llmcli model.
+    """Convert a Hugging Face model (MarianMT, BART, mBART, T5, GPT-2, Llama, BERT for QA) or a GGUF file into an llmcli model.
 
-    Every command's -m also takes the Hugging Face directory or id directly; convert writes a
-    standalone copy. Weights are read from safetensors, or pytorch_model.bin loaded weights-only.
+    Every command's -m also takes the Hugging Face directory, id or GGUF file directly; convert writes a
+    standalone copy. Weights are read from safetensors, or pytorch_model.bin loaded weights-only; a
+    GGUF file (llama.cpp: Llama, Qwen2, Qwen3, Gemma) is dequantized to float32 (pip install 'llmcli[gguf]').
 
     Example: llmcli convert Helsinki-NLP/opus-mt-en-de opus-en-de && llmcli translate -m opus-en-de news.en
     """
@@ -31,6 +32,8 @@ def convert_command(
     if source is None:
         if Path(src).is_dir():
             raise UserError(f"{src}: not a Hugging Face model directory (no config.json with a model_type)")
+        if Path(src).is_file():
+            raise UserError(f"{src}: not a GGUF file (nor a model directory)")
         raise UserError(f"{src}: no such directory or model id")
     if Path(out).resolve() == source.resolve():
         raise UserError(f"{out}: the output would overwrite the source")

@@ -2,22 +2,29 @@
 that applies a weight map, and the config, token and generation helpers.
 
 Weights come from safetensors, or from `pytorch_model.bin` through
-`torch.load(weights_only=True)`, which refuses pickles that would run code.
+`torch.load(weights_only=True)`, which refuses pickles that would run code. Safetensors shards
+are read one tensor at a time (`Shards`), so converting holds one copy of the weights, not two
+(bench/memory.py).
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
+import math
+import mmap
 import pickle
 import re
+import struct
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from llmcli.checkpoint import load_weights, name_list
+from llmcli.checkpoint import name_list, open_weights
 from llmcli.config import ModelConfig
 from llmcli.errors import UserError
 from llmcli.io import read_text, warn
@@ -87,8 +94,9 @@ _SAMPLING_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_pena
 _REFUSED = ("tf_model.h5", "flax_model.msgpack", "model.ckpt.index", "consolidated.00.pth", "model.onnx")
 
 
-def read_weights(src: Path) -> dict[str, Tensor]:
-    """All tensors of the checkpoint, from safetensors (single or sharded) or a weights-only pickle."""
+def read_weights(src: Path) -> Mapping[str, Tensor]:
+    """All tensors of the checkpoint by name, from safetensors (single or sharded: `Shards`, read
+    when asked for) or a weights-only pickle (mapped)."""
     files: list[Path]
     for single, index in (
         ("model.safetensors", "model.safetensors.index.json"),
@@ -108,11 +116,76 @@ def read_weights(src: Path) -> dict[str, Tensor]:
         found = [name for name in _REFUSED if (src / name).exists()]
         what = f" (it has {', '.join(found)})" if found else ""
         raise UserError(f"{src}: no model.safetensors or pytorch_model.bin{what}; llmcli reads only those")
+    if all(path.suffix == ".safetensors" for path in files):
+        return Shards(files)
     tensors: dict[str, Tensor] = {}
     for path in files:
-        part = load_weights(path) if path.suffix == ".safetensors" else _load_pickle(path)
-        tensors.update(part)
+        tensors.update(_load_pickle(path))
     return {_legacy_name(name): t for name, t in tensors.items()}
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}  # fmt: skip
+
+
+class Shards(Mapping[str, Tensor]):
+    """The tensors of safetensors shards by name, none read until asked for.
+
+    `mapped(name)` is a view of the shard's safe_open mapping; `shards[name]` maps the tensor's
+    bytes alone, privately (a write stays in memory), and unmaps them when dropped. A safe_open
+    mapping keeps every page once read until all its tensors are gone: a source transposed, split
+    or cast and then dropped would stay resident beside its copy, a second full copy of those
+    weights. (Nor is it read into malloc'd memory: glibc keeps freed blocks of a few MB, 0.2x of
+    GPT-2's weights over a conversion, bench/memory.py.) So what goes into the model as it is
+    stays in the shard's mapping; the rest is mapped one tensor at a time."""
+
+    def __init__(self, files: Sequence[Path]):
+        self._where: dict[str, tuple[int, str]] = {}  # our name -> (shard, its name there)
+        self._files = list(files)
+        self._handles = [open_weights(path) for path in self._files]  # headers checked, nothing read
+        self._headers: list[tuple[int, dict] | None] = [None] * len(self._files)
+        for i, handle in enumerate(self._handles):
+            for name in handle.keys():
+                self._where[_legacy_name(name)] = (i, name)
+
+    def __getitem__(self, name: str) -> Tensor:
+        i, theirs = self._where[name]
+        start, header = self._header(i)
+        info = header.get(theirs) or {}
+        dtype = _DTYPES.get(info.get("dtype"))
+        if dtype is None:  # a dtype not listed here: copy it out of the shard's mapping
+            return self.mapped(name).clone()
+        begin, end = (start + offset for offset in info["data_offsets"])
+        if end == begin:
+            return torch.empty(info["shape"], dtype=dtype)
+        base = begin - begin % mmap.ALLOCATIONGRANULARITY
+        with open(self._files[i], "rb") as f:
+            region = mmap.mmap(f.fileno(), end - base, offset=base, access=mmap.ACCESS_COPY)
+        # the tensor holds the mapping: unmapped when the last view of it goes
+        flat = torch.frombuffer(region, dtype=dtype, offset=begin - base, count=math.prod(info["shape"]))
+        return flat.reshape(info["shape"])
+
+    def mapped(self, name: str) -> Tensor:
+        i, theirs = self._where[name]
+        return self._handles[i].get_tensor(theirs)
+
+    def _header(self, i: int) -> tuple[int, dict]:
+        """Where shard i's data starts, and its header (safe_open has checked both)."""
+        if self._headers[i] is None:
+            with open(self._files[i], "rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                self._headers[i] = (8 + size, json.loads(f.read(size)))
+        return self._headers[i]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._where
 
 
 def _load_pickle(path: Path) -> dict[str, Tensor]:
@@ -153,16 +226,22 @@ def _pattern(template: str) -> re.Pattern:
 
 
 def apply_map(
-    tensors: dict[str, Tensor], weight_map: dict[str, Target], expected: dict[str, Tensor], source: str
+    tensors: Mapping[str, Tensor], weight_map: dict[str, Target], expected: dict[str, Tensor], source: str
 ) -> dict[str, Tensor]:
     """Our tensors from theirs by `weight_map`; fails once listing every unmatched, unfilled or
-    misshapen name. Several of theirs may fill one of ours (tied copies) if they are equal."""
+    misshapen name. Several of theirs may fill one of ours (tied copies) if they are equal.
+
+    One of theirs at a time, so no second copy of the weights builds up: from `Shards`, a tensor
+    that goes in as it is stays a view of the file; one that is transformed, cast or only
+    compared is read and dropped once its parts are written into `expected` (the model's own
+    tensors, as `checkpoint.model_tensors` gives them; what the returned dict then holds)."""
+    mapped = getattr(tensors, "mapped", tensors.__getitem__)
     rules = [(_pattern(src), src, target) for src, target in weight_map.items()]
     exact = {src: target for src, target in weight_map.items() if "{}" not in src}
     out: dict[str, Tensor] = {}
     origin: dict[str, str] = {}
     unexpected, conflicts = [], []
-    for name, tensor in tensors.items():
+    for name in tensors:  # names only: each tensor is read below, when its target is known
         if name in exact:
             target, numbers = exact[name], ()
         else:
@@ -177,18 +256,33 @@ def apply_map(
             continue
         names, transform = (target, None) if isinstance(target, str) else target
         names = (names,) if isinstance(names, str) else names
-        parts = transform(tensor) if transform is not None else tensor
+        if transform is not None:
+            tensor = tensors[name]
+            parts = transform(tensor)
+        else:
+            tensor, ours = mapped(name), names[0].format(*numbers)
+            if ours in out or (ours in expected and expected[ours].dtype != tensor.dtype):
+                tensor = tensors[name]  # compared or cast, then dropped: not through the mapping
+            parts = tensor
         parts = [parts] if isinstance(parts, Tensor) else list(parts)
         if len(parts) != len(names):
             conflicts.append(f"{name} {tuple(tensor.shape)} cannot be split into {len(names)}")
             continue
+        del tensor
         for ours, part in zip(names, parts, strict=True):  # lengths checked above
             ours = ours.format(*numbers)
             if ours in out:
-                if out[ours].shape != part.shape or not torch.equal(out[ours], part):
+                if out[ours].shape != part.shape or not torch.equal(out[ours], part.to(out[ours].dtype)):
                     conflicts.append(f"{name} differs from {origin[ours]}")
                 continue
+            want = expected.get(ours)
+            if want is not None and want.shape == part.shape and (transform is not None or part.dtype != want.dtype):
+                want.copy_(part)  # into the model's own tensor, cast on the way: no new one is kept
+                part = want
             out[ours], origin[ours] = part, name
+        if transform is not None:
+            parts = part = None  # the transform's outputs, freed: before the next is made
+            release_freed_memory()
 
     missing = [_their_name(ours, weight_map) for ours in expected if ours not in out]
     unexpected += [f"{origin[ours]} (no {ours} in this config)" for ours in out if ours not in expected]
@@ -199,6 +293,24 @@ def apply_map(
     if problems:
         raise UserError(f"{source}: cannot convert: {'; '.join(problems)}")
     return {n: out[n] for n in expected}
+
+
+def release_freed_memory() -> None:
+    """Give the pages of freed memory back to the system now. glibc keeps freed blocks of a few
+    MB (a transform's output, freed once copied into the model) as holes in its heap, pinned by
+    small objects allocated since, and RSS keeps them: 0.2-0.4x of GPT-2's weights over a
+    conversion (bench/memory.py). Nothing elsewhere (no malloc_trim outside glibc)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)  # the symbols the process has loaded
+    except (OSError, TypeError):  # Windows: no CDLL(None)
+        return None
 
 
 def _their_name(ours: str, weight_map: dict[str, Target]) -> str:
