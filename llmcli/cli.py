@@ -49,6 +49,11 @@ def handle_errors(command: Callable) -> Callable:
         except Terminated:
             print("llmcli: terminated", file=sys.stderr, flush=True)
             raise typer.Exit(143) from None
+        except PermissionError as e:  # a model directory, input or output the user may not read or write
+            if _State.debug:
+                raise
+            print(f"llmcli: error: {e.filename or 'a file'}: {e.strerror or 'permission denied'}", file=sys.stderr, flush=True)
+            raise typer.Exit(2) from None
         except OSError as e:
             if e.errno not in _WRITE_FAILURES:
                 raise

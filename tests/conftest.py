@@ -1,6 +1,7 @@
 """Shared fixtures: isolated user state, tiny corpora and a tiny trained model."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -79,6 +80,17 @@ def tiny_model(number_corpus, tmp_path_factory) -> Path:
     result = CliRunner().invoke(app, train_args(number_corpus, out, "--max-steps", "30"))
     assert result.exit_code == 0, result.output
     return out
+
+
+def unprivileged() -> list[str]:
+    """A command prefix under which file permissions hold: as root, capsh drops the capabilities
+    that read and write through them (the test skips where capsh is missing); else nothing."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return []
+    capsh = shutil.which("capsh")
+    if capsh is None:
+        pytest.skip("running as root, which reads through permissions, and capsh (to drop that) is not installed")
+    return [capsh, "--drop=cap_dac_override,cap_dac_read_search", "--", "-c", 'exec "$0" "$@"']
 
 
 def run_cli(*args: str, input: bytes | None = None, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -5,9 +5,11 @@ import json
 import pickle
 import shutil
 import struct
+import subprocess
+import sys
 
 import pytest
-from conftest import run_cli
+from conftest import run_cli, unprivileged
 
 from llmcli.config import ModelConfig
 
@@ -99,6 +101,18 @@ def test_symlinked_file_escaping_the_model_directory(model_dir, tmp_path):
     shutil.move(model_dir / "tokenizer.json", outside)
     (model_dir / "tokenizer.json").symlink_to(outside)
     assert "outside" in refused(model_dir)
+
+
+def test_a_model_directory_that_cannot_be_read(model_dir):
+    model_dir.chmod(0)
+    try:
+        proc = subprocess.run([*unprivileged(), sys.executable, "-m", "llmcli", "translate", "-m", str(model_dir), "-q"],
+                              input=b"seven\n", capture_output=True, timeout=120)  # fmt: skip
+    finally:
+        model_dir.chmod(0o755)
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and proc.stdout == b"", (proc.returncode, err)
+    assert err.count("\n") == 1 and err.startswith(f"llmcli: error: {model_dir}") and "Permission denied" in err, err
 
 
 def test_a_directory_that_is_not_a_model(tmp_path):
