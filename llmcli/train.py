@@ -792,16 +792,16 @@ def _optimizer_step(run: Run, batches: list[tuple[int, int, list[int]]], n_token
         loss_sum += loss.item()
     if scaler is not None:
         scaler.unscale_(optimizer)
-    grads = [p.grad for p in run.model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads)  # after DDP's all-reduce: the same on every process
+    # The total norm, after DDP's all-reduce (the same on every process); without clipping, a
+    # max_norm of inf multiplies by exactly 1. (torch >= 2.6 splits this into get_total_norm and
+    # clip_grads_with_norm_; clip_grad_norm_ works on every torch we support.)
+    norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), opts.clip_norm if opts.clip_norm > 0 else math.inf)
     if scaler is None and not torch.isfinite(norm):
         # Stop before the update reaches the weights, as fairseq does (FloatingPointError); in
         # fp16 the scaler skips such a step and lowers its scale instead.
         loss = loss_sum / max(n_tokens, 1)
         found = f"the loss is {loss:.4g}" if not math.isfinite(loss) else f"the gradient norm is {norm.item()}"
         raise _diverged(run, run.progress.step + 1, found)
-    if opts.clip_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(run.model.parameters(), opts.clip_norm, norm)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
