@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmcli.device import cpu_flags
 from llmcli.model import ACTIVATIONS, Attention, FeedForward
 
 # Below this many weights oneDNN's fixed cost per call (about 12 us) outweighs its faster kernel:
@@ -222,17 +223,7 @@ def _int4_pack(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), scales_and_zeros.to(torch.bfloat16)
 
 
-def _cpu_has_vnni() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(
-                line.startswith("flags") and ("avx512_vnni" in line or "avx_vnni" in line or "amx_int8" in line) for line in f
-            )
-    except OSError:
-        return False
-
-
-_INT8_REDUCE_RANGE = not _cpu_has_vnni()
+_INT8_REDUCE_RANGE = not cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"}
 
 
 def _memory_allows(nbytes: int) -> bool:

@@ -408,8 +408,9 @@ class Stack(nn.Module):
         memory_mask: torch.Tensor | None = None,
         local: dict | None = None,  # mask, is_causal, rope of the "sliding" layers where they differ (see `views`)
     ) -> torch.Tensor:
+        full = dict(mask=mask, is_causal=is_causal, rope=rope)
         for i, layer in enumerate(self.layers):
-            own = local if local is not None and self.kinds[i] == "sliding" else dict(mask=mask, is_causal=is_causal, rope=rope)
+            own = local if local is not None and self.kinds[i] == "sliding" else full
             x = layer(x, own["mask"], past=past.layers[i] if past is not None else None, rope=own["rope"],
                       is_causal=own["is_causal"], memory_kv=memory_kv[i] if memory_kv is not None else None,
                       memory_mask=memory_mask)  # fmt: skip
@@ -562,7 +563,8 @@ class Transformer(nn.Module):
         S = S_prev + T
 
         x = dec.embed(tokens, positions)
-        all_valid = bool(cache.key_valid.all())
+        # the common decoding step (one new token, no relative bias) may need no mask: the one host sync
+        all_valid = T == 1 and dec.relative_bias is None and bool(cache.key_valid.all())
 
         def mask_of(window: int | None):
             # Keys older than the window stay in the cache, masked: each row's window ends at its own position.

@@ -849,7 +849,7 @@ def _validate(run: Run, reporter: Reporter) -> tuple[float, bool]:
 def _save(run: Run, improved: bool) -> None:
     """On rank 0: the model when it improved (always without validation data), a kept
     checkpoint if asked for, and the state to resume from."""
-    if any(not torch.isfinite(p).all() for p in run.model.parameters()):  # an update overflowed
+    if not torch.stack([torch.isfinite(p).all() for p in run.model.parameters()]).all():  # an update overflowed; one sync
         raise _diverged(run, run.progress.step, "the weights are not finite")
     if run.world.is_main:
         with _saving(run):
