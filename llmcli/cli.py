@@ -805,6 +805,10 @@ def main() -> None:
         app(prog_name="llmcli")
     except Terminated:  # outside a command (while parsing options): nothing written yet
         sys.exit(143)
+    finally:
+        # From here the interpreter exits and runs its atexit callbacks: a SIGTERM now (torchrun
+        # stopping the others) ends the process silently rather than raising inside one of them.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 if __name__ == "__main__":
