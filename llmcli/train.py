@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import shutil
 import signal
 import time
@@ -67,6 +68,7 @@ Schedule = Literal["inverse_sqrt", "cosine", "constant"]
 Precision = Literal["fp32", "bf16", "fp16"]
 STATE_DIR = "train_state"
 CHECKPOINTS_DIR = "checkpoints"  # step-NNNNNNN/ model directories kept for `llmcli average`
+LOG_FILE = "train_log.jsonl"  # one JSON object per save: the learning curve, readable while training
 
 
 @dataclass
@@ -741,6 +743,7 @@ def _loop(run: Run, reporter: Reporter) -> TrainResult:
                 if run.valid_examples:
                     valid_loss, improved = _validate(run, reporter)
                 _save(run, improved)
+                _append_log(run, last_loss, valid_loss if run.valid_examples else None, lr, rate, now - speed.start)
                 if opts.patience is not None and progress.validations_without_improvement >= opts.patience:
                     reporter.log(f"stopping early: no improvement in {opts.patience} validations")
                     stopped_early = True
@@ -861,6 +864,33 @@ def _save(run: Run, improved: bool) -> None:
                 checkpoint.save_model(run.out, run.model, run.tgt_tok, run.src_tok, run.generation)
             save_train_state(run.out, run.model, run.optimizer, run.opts, run.progress, run.world.size, run.scaler)
     run.saved_step = run.progress.step
+
+
+def _append_log(run: Run, loss: float, valid_loss: float | None, lr: float, rate: float, elapsed: float) -> None:
+    """One line of train_log.jsonl, after the state it describes is saved; a resumed run appends.
+    One write of one line in append mode, so a kill leaves whole lines only."""
+    if not run.world.is_main:
+        return
+    progress = run.progress
+    entry = {
+        "step": progress.step,
+        "epoch": progress.epoch,
+        "target_tokens": progress.tokens_seen,
+        "seconds": round(elapsed, 1),  # since this process started training (a resumed run starts again at 0)
+        "train_loss": round(loss, 5),
+        "valid_loss": None if valid_loss is None else round(valid_loss, 5),
+        "valid_perplexity": None if valid_loss is None else round(math.exp(min(valid_loss, 50)), 3),
+        "best": progress.validations_without_improvement == 0 if valid_loss is not None else None,
+        "lr": lr,
+        "target_tokens_per_second": round(rate, 1),
+    }
+    line = (json.dumps(entry) + "\n").encode()
+    with _saving(run):
+        fd = os.open(run.out / LOG_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
 
 
 def _kept(run: Run) -> str:

@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import math
 import re
 import signal
 import subprocess
@@ -201,3 +202,18 @@ def test_separate_vocabularies_train_and_resume(number_corpus, tmp_path):
     resumed = invoke("train", "--task", "translate", "--resume", str(out), "--max-steps", "3", "--quiet")
     assert resumed.exit_code == 0, resumed.output
     assert (out / "source_tokenizer.json").is_file()
+
+
+def test_train_log_has_one_line_per_save_and_a_resume_appends(number_corpus, tmp_path):
+    out = tmp_path / "m"
+    valid = ("--valid-src", str(number_corpus / "valid.en"), "--valid-tgt", str(number_corpus / "valid.zh"))
+    assert invoke(*train_args(number_corpus, out, "--max-steps", "6", "--valid-every", "3", *valid)).exit_code == 0
+    resumed = invoke("train", "--task", "translate", "--resume", str(out), "--max-steps", "9", "--quiet")
+    assert resumed.exit_code == 0, resumed.output
+    entries = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in entries] == [3, 6, 9]
+    assert all(e["valid_loss"] > 0 and e["train_loss"] > 0 and e["target_tokens_per_second"] > 0 for e in entries)
+    assert entries[0]["target_tokens"] < entries[1]["target_tokens"] < entries[2]["target_tokens"]
+    best = min(entries, key=lambda e: e["valid_loss"])
+    assert best["best"] is True
+    assert abs(entries[0]["valid_perplexity"] - math.exp(entries[0]["valid_loss"])) < 0.01 * entries[0]["valid_perplexity"]
