@@ -148,7 +148,7 @@ def parse_train_log(stderr: str, out: Path) -> dict:
     if state.is_file():
         progress = json.loads(state.read_text(encoding="utf-8"))["progress"]
         found.update(state_step=progress["step"], target_tokens_seen=progress["tokens_seen"], epochs=progress["epoch"])
-    curve = out / "train_log.jsonl"  # llmcli/train.py writes one line per save: the learning curve in minutes
+    curve = out / "train_log.jsonl"  # llmcli/train.py writes one line per save: the learning curve
     if curve.is_file():
         found["curve"] = [json.loads(line) for line in curve.read_text(encoding="utf-8").splitlines() if line.strip()]
     return found

@@ -28,7 +28,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import shutil
 import signal
 import time
@@ -743,7 +742,7 @@ def _loop(run: Run, reporter: Reporter) -> TrainResult:
                 if run.valid_examples:
                     valid_loss, improved = _validate(run, reporter)
                 _save(run, improved)
-                _append_log(run, last_loss, valid_loss if run.valid_examples else None, lr, rate, now - speed.start)
+                _append_log(run, last_loss, valid_loss, improved, lr, rate, now - speed.start)
                 if opts.patience is not None and progress.validations_without_improvement >= opts.patience:
                     reporter.log(f"stopping early: no improvement in {opts.patience} validations")
                     stopped_early = True
@@ -866,7 +865,7 @@ def _save(run: Run, improved: bool) -> None:
     run.saved_step = run.progress.step
 
 
-def _append_log(run: Run, loss: float, valid_loss: float | None, lr: float, rate: float, elapsed: float) -> None:
+def _append_log(run: Run, loss: float, valid_loss: float | None, improved: bool, lr: float, rate: float, elapsed: float) -> None:
     """One line of train_log.jsonl, after the state it describes is saved; a resumed run appends.
     One write of one line in append mode, so a kill leaves whole lines only."""
     if not run.world.is_main:
@@ -880,17 +879,13 @@ def _append_log(run: Run, loss: float, valid_loss: float | None, lr: float, rate
         "train_loss": round(loss, 5),
         "valid_loss": None if valid_loss is None else round(valid_loss, 5),
         "valid_perplexity": None if valid_loss is None else round(math.exp(min(valid_loss, 50)), 3),
-        "best": progress.validations_without_improvement == 0 if valid_loss is not None else None,
+        "best": improved if valid_loss is not None else None,
         "lr": lr,
         "target_tokens_per_second": round(rate, 1),
     }
     line = (json.dumps(entry) + "\n").encode()
-    with _saving(run):
-        fd = os.open(run.out / LOG_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line)
-        finally:
-            os.close(fd)
+    with _saving(run), open(run.out / LOG_FILE, "ab", buffering=0) as log:
+        log.write(line)
 
 
 def _kept(run: Run) -> str:
