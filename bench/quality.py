@@ -25,12 +25,12 @@ Tasks (../shared/data, or --data DIR; a task whose folder is missing is skipped,
                 baseline (the abstract's first 16 characters) on the same test set.
 
 Training is the README's command (`--preset small`; for the LM `--block-size 256`) plus
-`--max-minutes --minutes`; `--extra-train-args` is appended to every train command, so its
-options win over the bench's (`--preset tiny`, `--lr`, `--set d_model=384`, ...). The LM also
-gets `--set max_positions=BLOCK`: `eval --metric perplexity` scores in windows of the model's
-context (max_positions, default 512), and RoPE positions past the training block were never
-trained. --max-minutes bounds the training loop only: tokenizer training, the last validation
-and the save come on top (the "wall min" column).
+`--max-minutes --minutes`, with llmcli's defaults for everything else (the vocabulary scaled to
+the text, the learning rate decaying to zero where the budget ends, batches sized for the device,
+the average of the last saves where it validates better: `llmcli train --help`); `--extra-train-args`
+is appended to every train command, so its options win over the bench's (`--preset tiny`, `--lr`,
+`--set d_model=384`, ...). --max-minutes bounds the whole training command, tokenizer and last
+save included; the "wall min" column is the command's own time.
 
 The table goes to stderr, --json writes everything: CPU model and flags, torch's threads and
 version, each command as run, the trainer's steps, target tokens/s and validation loss, scores.
@@ -236,8 +236,6 @@ def shakespeare(data: Path, work: Path, args: argparse.Namespace) -> Task:
             "small",
             "--block-size",
             block,
-            "--set",
-            f"max_positions={block}",
         ]  # fmt: skip
     )
     stdout, _, _ = task.call(llmcli("eval", valid, "--metric", "perplexity", "-m", model, "--json"))
@@ -346,7 +344,7 @@ def main() -> None:
     p.add_argument("--beam", type=int, default=None, help="translate/summarize --beam (default: llmcli's)")
     p.add_argument("--length-penalty", type=float, default=None, help="translate/summarize --length-penalty (default: llmcli's)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N test lines (smoke runs; not shakespeare)")
-    p.add_argument("--block-size", type=int, default=256, help="shakespeare: --block-size and max_positions")
+    p.add_argument("--block-size", type=int, default=256, help="shakespeare: --block-size (the model's positions too)")
     p.add_argument(
         "--extra-train-args",
         default="",

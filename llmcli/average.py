@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from llmcli import checkpoint
 from llmcli.config import ModelConfig
 from llmcli.errors import UserError
@@ -27,8 +25,6 @@ def average_checkpoints(paths: list[str | Path], out: str | Path) -> Path:
         raise UserError(f"{out} holds a training run; write the average to another --out")
     first = checkpoint.load_model(dirs[0])  # checks the directory, and gives tokenizers and generation settings
     tokenizer_bytes = (dirs[0] / checkpoint.TOKENIZER_FILE).read_bytes()
-    sums: dict[str, torch.Tensor] = {}
-    exact: dict[str, torch.Tensor] = {}  # integer tensors must agree, not average
     for d in dirs:
         if not checkpoint.is_model_dir(d):
             raise UserError(f"{d}: not a model directory (config.json, model.safetensors)")
@@ -36,18 +32,6 @@ def average_checkpoints(paths: list[str | Path], out: str | Path) -> Path:
             raise UserError(f"{d}: its config differs from {dirs[0]}'s; average checkpoints of one run")
         if (d / checkpoint.TOKENIZER_FILE).read_bytes() != tokenizer_bytes:
             raise UserError(f"{d}: its tokenizer differs from {dirs[0]}'s; average checkpoints of one run")
-        tensors = checkpoint.load_weights(d / checkpoint.WEIGHTS_FILE)
-        if sums or exact:
-            if set(tensors) != set(sums) | set(exact):
-                raise UserError(f"{d}: holds other tensors than {dirs[0]}")
-        for name, t in tensors.items():
-            if t.is_floating_point():
-                sums[name] = sums[name] + t.double() if name in sums else t.double()
-            elif name not in exact:
-                exact[name] = t
-            elif not torch.equal(exact[name], t):
-                raise UserError(f"{d}: {name} differs from {dirs[0]}'s and cannot be averaged")
-    dtypes = {name: t.dtype for name, t in checkpoint.model_tensors(first.model).items()}
-    mean = {name: (s / len(dirs)).to(dtypes[name]) for name, s in sums.items()}
-    checkpoint.load_state_into(first.model, {**mean, **exact}, f"{dirs[0]} and the others")
+    mean = checkpoint.mean_weights([d / checkpoint.WEIGHTS_FILE for d in dirs])
+    checkpoint.load_state_into(first.model, mean, f"{dirs[0]} and the others")
     return checkpoint.save_model(out, first.model, first.tokenizer, first.source_tokenizer, first.generation)

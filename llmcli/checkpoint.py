@@ -120,6 +120,28 @@ def _read_error(e: Exception, path: Path) -> UserError:
     return UserError(f"{path}: {detail}")
 
 
+def mean_weights(paths: list[Path]) -> dict[str, torch.Tensor]:
+    """The element-wise mean of several weight files of one model, summed in float64 (so the mean
+    of copies of one file is that file exactly) and given back in each tensor's own dtype; integer
+    tensors must be equal in all of them."""
+    sums: dict[str, torch.Tensor] = {}
+    exact: dict[str, torch.Tensor] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    for path in paths:
+        tensors = load_weights(path)
+        if dtypes and set(tensors) != set(dtypes):
+            raise UserError(f"{path}: holds other tensors than {paths[0]}")
+        for name, t in tensors.items():
+            dtypes.setdefault(name, t.dtype)
+            if t.is_floating_point():
+                sums[name] = sums[name] + t.double() if name in sums else t.double()
+            elif name not in exact:
+                exact[name] = t
+            elif not torch.equal(exact[name], t):
+                raise UserError(f"{path}: {name} differs from {paths[0]}'s and cannot be averaged")
+    return {**{name: (s / len(paths)).to(dtypes[name]) for name, s in sums.items()}, **exact}
+
+
 def load_state_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
     """Fill every parameter and persistent buffer, or fail once naming every mismatch.
 

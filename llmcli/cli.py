@@ -127,7 +127,9 @@ def train(
     valid_data: str = typer.Option(None, help="Validation QA data."),
     tokenizer: str = typer.Option(None, help="Use this tokenizer.json (or a model directory's) instead of training one."),
     tokenizer_kind: str = typer.Option("bpe", help="bpe | unigram, for a newly trained tokenizer."),
-    vocab_size: int = typer.Option(8000, help="Vocabulary size of a newly trained tokenizer."),
+    vocab_size: int = typer.Option(
+        None, help="Vocabulary size of a newly trained tokenizer (default: scaled to the training text, 1000-32000)."
+    ),
     shared_vocab: bool = typer.Option(
         True,
         "--shared-vocab/--separate-vocab",
@@ -138,21 +140,42 @@ def train(
     config_overrides: list[str] = typer.Option(
         None, "--set", help="Override a config field, e.g. --set d_model=384 (repeatable)."
     ),
-    batch_tokens: int = typer.Option(4096, help="Tokens per batch (padded) on each process, batches grouped by length."),
+    batch_tokens: int = typer.Option(
+        None,
+        help="Tokens per batch (padded) on each process, batches grouped by length (default: 2048 on a CPU, 4096 on a GPU).",
+        show_default=False,
+    ),
     accumulate: int = typer.Option(
         None,
         help="Batches per optimizer step on each process (gradient accumulation); global batch = batch-tokens x accumulate x processes. Default 1; on --resume, what keeps the run's global batch.",
         show_default=False,
     ),
-    lr: float = typer.Option(7e-4, help="Peak learning rate."),
-    warmup_steps: int = typer.Option(400, "--warmup", help="Linear warmup steps."),
-    schedule: str = typer.Option("inverse_sqrt", help="inverse_sqrt | cosine | constant, after warmup."),
+    lr: float = typer.Option(
+        None, help="Peak learning rate (default: 1e-3 for the tiny and small presets, 7e-4 for base).", show_default=False
+    ),
+    warmup_steps: int = typer.Option(
+        None, "--warmup", help="Linear warmup steps (default: 400, or a tenth of the run if less).", show_default=False
+    ),
+    schedule: str = typer.Option(
+        "linear",
+        help="After warmup: linear (to zero at --max-steps, or at the steps --max-minutes buys) | inverse_sqrt | cosine | constant.",
+    ),
     label_smoothing: float = typer.Option(0.1, help="Label smoothing of the training loss."),
     clip_norm: float = typer.Option(1.0, help="Gradient clipping norm (0: off)."),
     weight_decay: float = typer.Option(0.01, help="AdamW weight decay."),
-    max_steps: int = typer.Option(10000, help="Stop after this many optimizer steps."),
-    max_minutes: float = typer.Option(None, help="Stop (and save) after this many minutes."),
-    valid_every: int = typer.Option(500, help="Validate and save every N steps."),
+    max_steps: int = typer.Option(
+        None,
+        help="Stop after this many optimizer steps (default: 10000; with --max-minutes, the time decides).",
+        show_default=False,
+    ),
+    max_minutes: float = typer.Option(
+        None, help="Time budget of the whole run (tokenizer, steps, last save); the schedule fits it."
+    ),
+    valid_every: int = typer.Option(
+        None,
+        help="Validate and save every N steps (default: 500; with --max-minutes, every twentieth of the budget).",
+        show_default=False,
+    ),
     patience: int = typer.Option(None, help="Stop after N validations without improvement."),
     block_size: int = typer.Option(256, help="generate: tokens per training sequence."),
     seed: int = typer.Option(1, help="Random seed: same seed, same data, same model."),
@@ -161,6 +184,12 @@ def train(
     nproc: int = typer.Option(None, help="Train on N processes of this machine (GPUs, or CPU with gloo) through torchrun."),
     keep_checkpoints: int = typer.Option(
         0, help="Keep the model of the last N saves under OUT/checkpoints/ (for llmcli average)."
+    ),
+    average: int = typer.Option(
+        None,
+        help="At the end, average the last N saves; the average is the model if it validates better "
+        "(default: 5 with validation data, else 0).",
+        show_default=False,
     ),
     resume: str = typer.Option(
         None, help="Continue the run in this directory exactly where it stopped (on any number of processes)."

@@ -46,6 +46,7 @@ class TrainReporter:
             self.bar.update(
                 self.task,
                 completed=report.step,
+                total=report.max_steps,  # a time budget's horizon moves as the pace is measured
                 loss=f"{report.loss:.3f}",
                 lr=f"{report.lr:.2e}",
                 tps=f"{report.tokens_per_second:,.0f}",

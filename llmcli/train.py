@@ -31,6 +31,7 @@ import math
 import shutil
 import signal
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,11 +60,11 @@ from llmcli.errors import UserError
 from llmcli.io import atomic_write, read_lines, remove_directory, replace_directory, temporary_directory, warn
 from llmcli.model import Transformer
 from llmcli.qa_data import qa_source, read_qa_records
-from llmcli.tokenizer import Tokenizer, train_tokenizer
+from llmcli.tokenizer import MIN_VOCAB_SIZE, Tokenizer, train_tokenizer
 
 Task = Literal["translate", "summarize", "qa", "generate"]
 TokenizerKind = Literal["bpe", "unigram"]
-Schedule = Literal["inverse_sqrt", "cosine", "constant"]
+Schedule = Literal["linear", "inverse_sqrt", "cosine", "constant"]
 Precision = Literal["fp32", "bf16", "fp16"]
 STATE_DIR = "train_state"
 CHECKPOINTS_DIR = "checkpoints"  # step-NNNNNNN/ model directories kept for `llmcli average`
@@ -84,34 +85,46 @@ class TrainOptions:
     valid_data: str | None = None
     tokenizer: str | None = None  # an existing tokenizer.json, or a model directory holding one
     tokenizer_kind: TokenizerKind = "bpe"
-    vocab_size: int = 8000
+    vocab_size: int | None = None  # None: scaled to the training text (auto_vocab_size)
     shared_vocab: bool = True
     preset: str = "small"
     config_overrides: dict | None = None  # ModelConfig fields over the preset
     block_size: int = 256  # decoder-only: tokens per training sequence
-    batch_tokens: int = 4096  # padded tokens per batch, on each process
+    batch_tokens: int | None = None  # padded tokens per batch, on each process; None: DEFAULT_BATCH_TOKENS by device
     # Batches per optimizer step on each process. None: 1 for a new run; when resuming,
     # whatever keeps the run's global batch (accumulate x processes) on this many processes.
     accumulate: int | None = None
-    lr: float = 7e-4
-    warmup_steps: int = 400
-    schedule: Schedule = "inverse_sqrt"
+    lr: float | None = None  # None: the preset's (PRESET_LR)
+    warmup_steps: int | None = None  # None: 400, or a tenth of the run's horizon if that is less
+    # "linear": to zero at the run's horizon, max_steps or, with max_minutes, the steps the time
+    # buys, estimated as the run goes (Progress.horizon): a fixed budget is best spent decaying to its end.
+    schedule: Schedule = "linear"
     weight_decay: float = 0.01
     label_smoothing: float = 0.1
     clip_norm: float = 1.0
-    max_steps: int = 10000
+    max_steps: int | None = None  # None: 10000, or no limit with max_minutes (the time decides)
     max_minutes: float | None = None
-    valid_every: int = 500
+    valid_every: int | None = None  # None: every 500 steps; with max_minutes, every twentieth of the budget
     save_every: int | None = None  # default: valid_every
     patience: int | None = None  # early stopping after this many validations without improvement
     seed: int = 1
     device: str = "auto"
     precision: Precision = "fp32"  # bf16 and fp16: autocast; fp16 with a gradient scaler
     keep_checkpoints: int = 0  # keep the model of the last N saves under checkpoints/
+    # At the end, the mean of the last N saves' weights, kept as the model if it validates better
+    # than the best single one. None: 5 where there is validation data, else 0 (nothing to decide by).
+    average: int | None = None
 
     # What may change when resuming; everything else is taken from the run being resumed
     # (accumulate has its own rule, see `accumulate` above).
-    RESUMABLE = ("max_steps", "max_minutes", "valid_every", "save_every", "patience", "device", "precision", "keep_checkpoints")
+    RESUMABLE = ("max_steps", "max_minutes", "valid_every", "save_every", "patience", "device", "precision",
+                 "keep_checkpoints", "average")  # fmt: skip
+
+    @property
+    def step_limit(self) -> int:
+        if self.max_steps is not None:
+            return self.max_steps
+        return DEFAULT_MAX_STEPS if self.max_minutes is None else NO_STEP_LIMIT
 
     def __post_init__(self) -> None:
         """Refuse bad options in one line naming the option, for the CLI and library callers alike.
@@ -124,7 +137,7 @@ class TrainOptions:
         _check_choice("--precision", self.precision, Precision)
         if self.preset not in PRESETS:
             raise UserError(f"unknown --preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
-        if self.batch_tokens < 16:
+        if self.batch_tokens is not None and self.batch_tokens < 16:
             raise UserError("--batch-tokens must be at least 16")
         for flag, value in (
             ("--accumulate", self.accumulate),
@@ -135,6 +148,12 @@ class TrainOptions:
                 raise UserError(f"{flag} must be at least 1")
         if self.keep_checkpoints < 0:
             raise UserError("--keep-checkpoints must be 0 (none) or more")
+        if self.average is not None and self.average < 0:
+            raise UserError("--average must be 0 (none) or more")
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise UserError("--vocab-size must be at least 1")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise UserError("--max-minutes must be more than 0")
 
 
 def _check_choice(flag: str, value: str, choices) -> None:
@@ -151,6 +170,7 @@ class Progress:
     best_valid_loss: float | None = None
     validations_without_improvement: int = 0
     tokens_seen: int = 0
+    horizon: int | None = None  # the step the schedule decays to: max_steps, or what max_minutes buys (estimated)
 
 
 @dataclass
@@ -197,16 +217,21 @@ class SilentReporter:
         pass
 
 
-def learning_rate(step: int, opts: TrainOptions) -> float:
-    """Linear warmup to opts.lr, then inverse square root (Vaswani et al.) or cosine decay to 10%."""
+def learning_rate(step: int, opts: TrainOptions, horizon: int | None = None) -> float:
+    """Linear warmup to opts.lr, then linear decay to zero at the horizon, inverse square root
+    (Vaswani et al.), cosine decay to 10% at the horizon, or constant. The horizon is max_steps
+    unless given (a time budget's estimate); the default warmup takes at most a tenth of it."""
     step = max(step, 1)
-    warmup = max(opts.warmup_steps, 1)
+    horizon = max(min(horizon or opts.step_limit, opts.step_limit), 1)
+    warmup = max(opts.warmup_steps if opts.warmup_steps is not None else min(400, horizon // 10), 1)
     if step <= warmup:
         return opts.lr * step / warmup
+    progress = min((step - warmup) / max(horizon - warmup, 1), 1.0)
+    if opts.schedule == "linear":
+        return opts.lr * (1.0 - progress)
     if opts.schedule == "inverse_sqrt":
         return opts.lr * math.sqrt(warmup / step)
     if opts.schedule == "cosine":
-        progress = min((step - warmup) / max(opts.max_steps - warmup, 1), 1.0)
         return opts.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
     return opts.lr
 
@@ -277,7 +302,7 @@ def read_corpus(opts: TrainOptions, split: Literal["training", "validation"]) ->
     return corpus
 
 
-def _train_or_load_tokenizers(opts: TrainOptions, corpus: Corpus) -> tuple[Tokenizer, Tokenizer]:
+def _train_or_load_tokenizers(opts: TrainOptions, corpus: Corpus, log: Callable[[str], None]) -> tuple[Tokenizer, Tokenizer]:
     """(source, target): the same object when the vocabulary is shared."""
     if opts.tokenizer:
         path = Path(opts.tokenizer)
@@ -285,11 +310,40 @@ def _train_or_load_tokenizers(opts: TrainOptions, corpus: Corpus) -> tuple[Token
             return checkpoint.load_tokenizers(path)
         tok = Tokenizer.load(path)
         return tok, tok
-    kw = dict(vocab_size=opts.vocab_size, kind=opts.tokenizer_kind)
     if corpus.sources is None or opts.shared_vocab:
-        tok = train_tokenizer((corpus.sources or []) + corpus.targets, **kw)
+        texts = (corpus.sources or []) + corpus.targets
+        tok = train_tokenizer(texts, vocab_size=_vocab_size(opts, texts, log), kind=opts.tokenizer_kind)
         return tok, tok
-    return train_tokenizer(corpus.sources, **kw), train_tokenizer(corpus.targets, **kw)
+    return tuple(
+        train_tokenizer(texts, vocab_size=_vocab_size(opts, texts, log), kind=opts.tokenizer_kind)
+        for texts in (corpus.sources, corpus.targets)
+    )
+
+
+CHARACTERS_PER_TOKEN_TYPE = 1000  # auto vocabulary: one token type per this many characters of training text
+AUTO_VOCAB_RANGE = (1000, 32000)
+
+
+def auto_vocab_size(texts: list[str]) -> int:
+    """A vocabulary for this much text: small corpora want small vocabularies, whose tokens are
+    each seen often enough to learn (Multi30k, 3.9M characters: 4000; Tiny Shakespeare, 1.1M:
+    1000; WMT-sized corpora: 32000), with room for every character seen 10 times or more, so a
+    CJK corpus is not spelled in bytes."""
+    counts = Counter()
+    for text in texts:
+        counts.update(text)
+    frequent = sum(1 for n in counts.values() if n >= 10)
+    size = max(sum(counts.values()) // CHARACTERS_PER_TOKEN_TYPE, MIN_VOCAB_SIZE + 2 * frequent)
+    size = -(-size // 500) * 500  # rounded up to a multiple of 500
+    return min(max(size, AUTO_VOCAB_RANGE[0]), AUTO_VOCAB_RANGE[1])
+
+
+def _vocab_size(opts: TrainOptions, texts: list[str], log: Callable[[str], None]) -> int:
+    if opts.vocab_size is not None:
+        return opts.vocab_size
+    size = auto_vocab_size(texts)
+    log(f"vocabulary size {size} for {sum(map(len, texts)) / 1e6:.1f}M characters of training text (--vocab-size to choose)")
+    return size
 
 
 def build_examples(corpus: Corpus, src_tok: Tokenizer, tgt_tok: Tokenizer, cfg: ModelConfig, opts: TrainOptions) -> list[Example]:
@@ -321,6 +375,10 @@ def make_config(opts: TrainOptions, src_tok: Tokenizer, tgt_tok: Tokenizer) -> M
     )
     if not decoder_only and src_tok is not tgt_tok:
         fields.update(tgt_vocab_size=tgt_tok.vocab_size, shared_embeddings=False)
+    if decoder_only:
+        # The context it is trained on is the context it has: positions past the block are never
+        # trained, and perplexity scores in windows of max_positions.
+        fields.update(max_positions=opts.block_size)
     fields.update(opts.config_overrides or {})
     return preset(opts.preset, **fields)
 
@@ -534,6 +592,7 @@ def _data_parallel(model: Transformer, device: torch.device) -> torch.nn.paralle
 
 def train(opts: TrainOptions, reporter: Reporter | None = None, resume: bool = False) -> TrainResult:
     """Train on this process, or on every process of a torchrun job (each calls this)."""
+    started = time.monotonic()  # --max-minutes counts the whole run: tokenizer, data, steps, last save
     world = world_from_env()
     reporter = reporter if reporter is not None and world.is_main else SilentReporter()
     out = Path(opts.out)
@@ -549,9 +608,12 @@ def train(opts: TrainOptions, reporter: Reporter | None = None, resume: bool = F
     check_precision(opts.precision, device)
     corpus = read_corpus(opts, "training")
     valid_corpus = read_corpus(opts, "validation")
+    if saved is None:
+        opts = _chosen_defaults(opts, device, reporter.log)
     join(world, device)
     try:
         run = _setup(opts, saved, world, device, corpus, valid_corpus, reporter)
+        run.started = started
         result = _loop(run, reporter)
     except RuntimeError as e:  # torch.distributed's errors are RuntimeErrors
         if world.distributed and distributed.lost_peer(e):
@@ -563,6 +625,29 @@ def train(opts: TrainOptions, reporter: Reporter | None = None, resume: bool = F
     return result
 
 
+# The recipe's defaults, chosen by measurement (bench/README.md, "Recipe search"): Multi30k en-de
+# at the token budget 30 minutes of 2 CPU cores buy, replayed on a GPU by steps, BLEU on test2016:
+# 4096 tokens, lr 7e-4: 29.3; 4096, 1e-3: 30.6; 2048, 7e-4: 33.6; 2048, 1e-3: 34.8; 1024, 5e-4: 34.6.
+PRESET_LR = {"tiny": 1e-3, "small": 1e-3, "base": 7e-4}
+# A CPU's products run as fast per token at 2048 tokens as at 4096, so the smaller batch gives twice
+# the steps for the same time; a GPU's run faster the larger they are.
+DEFAULT_BATCH_TOKENS = {"cpu": 2048, "cuda": 4096}
+
+
+def _chosen_defaults(opts: TrainOptions, device: torch.device, log: Callable[[str], None]) -> TrainOptions:
+    """A new run's options left unset, filled in for this device, and said in the log."""
+    chosen, why = {}, []
+    if opts.lr is None:
+        chosen["lr"] = PRESET_LR.get(opts.preset, 7e-4)
+        why.append(f"learning rate {chosen['lr']:g} (the {opts.preset} preset's)")
+    if opts.batch_tokens is None:
+        chosen["batch_tokens"] = DEFAULT_BATCH_TOKENS.get(device.type, 4096)
+        why.append(f"batches of {chosen['batch_tokens']} tokens ({device.type})")
+    if why:
+        log("chose " + ", ".join(why) + " (--lr, --batch-tokens to choose)")
+    return dataclasses.replace(opts, **chosen)
+
+
 def _resumed_options(opts: TrainOptions, saved: dict, world: World, log: Callable[[str], None]) -> TrainOptions:
     """The options of the run being resumed, but for those that may change (RESUMABLE) and accumulate."""
     out = Path(opts.out)
@@ -572,7 +657,7 @@ def _resumed_options(opts: TrainOptions, saved: dict, world: World, log: Callabl
     resumed = TrainOptions(**stored)
     resumed.accumulate = _resumed_accumulate(saved, opts.accumulate, world, out, log)
     done = saved["progress"]["step"]
-    if done >= resumed.max_steps:
+    if done >= resumed.step_limit:
         raise UserError(f"{out} already trained {done} steps; raise --max-steps to continue")
     return resumed
 
@@ -596,6 +681,7 @@ class Run:
     progress: Progress
     ddp: torch.nn.parallel.DistributedDataParallel | None = None  # under torchrun
     saved_step: int | None = None  # the step of the last state saved, to resume from
+    started: float = dataclasses.field(default_factory=time.monotonic)  # when train() began: the budget's start
 
     @property
     def out(self) -> Path:
@@ -681,7 +767,7 @@ def _tokenizers_and_config(
     src_tok = tgt_tok = None
     if world.is_main:
         reporter.log("training the tokenizer" if not opts.tokenizer else f"using tokenizer {opts.tokenizer}")
-        src_tok, tgt_tok = _train_or_load_tokenizers(opts, corpus)
+        src_tok, tgt_tok = _train_or_load_tokenizers(opts, corpus, reporter.log)
     src_tok, tgt_tok = _share_tokenizers(src_tok, tgt_tok, world)
     return src_tok, tgt_tok, make_config(opts, src_tok, tgt_tok)
 
@@ -710,24 +796,37 @@ def _restore(run: Run, saved: dict) -> None:
         run.scaler.load_state_dict(saved["grad_scaler"])
 
 
+SAVES_PER_BUDGET = 20  # with --max-minutes and no --valid-every: validate and save every twentieth of the budget
+DEFAULT_VALID_EVERY = 500
+
+
 def _loop(run: Run, reporter: Reporter) -> TrainResult:
     """Steps until --max-steps, --max-minutes or --patience ends the run; saves on the way and on Ctrl-C."""
     opts, world, progress = run.opts, run.world, run.progress
-    save_every = opts.save_every or opts.valid_every
+    budget = opts.max_minutes * 60 if opts.max_minutes is not None else None
+    # Saves by steps, or with a time budget and no --valid-every/--save-every, by time.
+    save_every = opts.save_every or opts.valid_every or (None if budget is not None else DEFAULT_VALID_EVERY)
+    save_interval = budget / SAVES_PER_BUDGET if save_every is None else None
     speed = _Speed()
+    first_step, last_save_time, save_seconds = progress.step, speed.start, 0.0
+    limit = opts.step_limit
+    if budget is None or progress.horizon is None:
+        progress.horizon = limit
+    paced_from = None  # (time, step) when this process's first step ended: the pace leaves its warm-up out
     last_loss, valid_loss, stopped_early = None, progress.best_valid_loss, False
-    reporter.start(opts.max_steps, progress.step)
+    reporter.start(progress.horizon, progress.step)
     try:
-        while progress.step < opts.max_steps:
+        while progress.step < limit:
             group, next_epoch, next_index = run.stream.take(progress.epoch, progress.batch_in_epoch, opts.accumulate * world.size)
             n_tokens = sum(run.n_targets[i] for _, _, idx in group for i in idx)
-            lr = learning_rate(progress.step + 1, opts)
+            lr = learning_rate(progress.step + 1, opts, progress.horizon)
             loss_sum = _optimizer_step(run, group[world.rank :: world.size], n_tokens, lr)
             progress.step += 1
             progress.epoch, progress.batch_in_epoch = next_epoch, next_index
             progress.tokens_seen += n_tokens
             now = time.monotonic()
-            out_of_time = opts.max_minutes is not None and now - speed.start >= opts.max_minutes * 60
+            # Stop early enough for the last validation, save and average to fit (each about a save).
+            out_of_time = budget is not None and now - run.started + 2 * save_seconds >= budget
             if world.distributed:
                 # One small all-reduce a step: the loss of all processes, and whether any is out of time.
                 loss_sum, any_out_of_time = all_reduce_sum([loss_sum, float(out_of_time)], world, run.device)
@@ -736,13 +835,22 @@ def _loop(run: Run, reporter: Reporter) -> TrainResult:
             if not math.isfinite(last_loss):  # the same sum on every process: all stop here
                 raise _diverged(run, progress.step, f"the loss is {last_loss}")
             rate = speed.add(n_tokens, now)
-            reporter.step(StepReport(progress.step, opts.max_steps, last_loss, lr, rate, now - speed.start))
-            if progress.step % save_every == 0 or progress.step == opts.max_steps or out_of_time:
+            reporter.step(StepReport(progress.step, progress.horizon, last_loss, lr, rate, now - speed.start))
+            if paced_from is None:
+                paced_from = (now, progress.step)
+            elif budget is not None and progress.step - first_step in HORIZON_EARLY_ESTIMATES:
+                _estimate_horizon(run, budget, now, paced_from, save_seconds, reporter)
+            due = progress.step % save_every == 0 if save_every is not None else now - last_save_time >= save_interval
+            if due or progress.step == limit or out_of_time:
                 improved = True
                 if run.valid_examples:
                     valid_loss, improved = _validate(run, reporter)
+                if budget is not None and not out_of_time and progress.step > paced_from[1]:
+                    _estimate_horizon(run, budget, now, paced_from, save_seconds, reporter)
                 _save(run, improved)
                 _append_log(run, last_loss, valid_loss, improved, lr, rate, now - speed.start)
+                last_save_time = time.monotonic()
+                save_seconds = last_save_time - now
                 if opts.patience is not None and progress.validations_without_improvement >= opts.patience:
                     reporter.log(f"stopping early: no improvement in {opts.patience} validations")
                     stopped_early = True
@@ -750,6 +858,7 @@ def _loop(run: Run, reporter: Reporter) -> TrainResult:
             if out_of_time:
                 reporter.log(f"stopping: --max-minutes {opts.max_minutes} reached at step {progress.step}")
                 break
+        valid_loss = _average_last(run, reporter, valid_loss)
     except KeyboardInterrupt:
         reporter.stop()
         _save_interrupted(run)
@@ -757,6 +866,7 @@ def _loop(run: Run, reporter: Reporter) -> TrainResult:
     finally:
         reporter.stop()
     elapsed = time.monotonic() - speed.start
+    valid_loss = progress.best_valid_loss if run.valid_examples else None  # the model kept is the best
     return TrainResult(
         out=run.out,
         steps=progress.step,
@@ -768,6 +878,88 @@ def _loop(run: Run, reporter: Reporter) -> TrainResult:
         parameters=run.model.num_parameters(),
         stopped_early=stopped_early,
     )
+
+
+# Steps of this process after which the budget's horizon is estimated, before the saves take over:
+# early and often, so a first guess thrown off by warm-up (CUDA's first steps take seconds) is soon mended.
+HORIZON_EARLY_ESTIMATES = (5, 10, 20, 40, 80, 160)
+DEFAULT_MAX_STEPS = 10000
+NO_STEP_LIMIT = 2**62
+
+
+def _estimate_horizon(
+    run: Run, budget: float, now: float, paced_from: tuple[float, int], save_seconds: float, reporter: Reporter
+) -> None:
+    """The step the learning rate decays to: the steps done so far plus those the rest of the
+    budget buys at this run's pace (saves included). Re-estimated at every save, so a machine
+    that speeds up or slows down still ends its schedule near its last step; kept in the state,
+    so a resumed run goes on from the same schedule."""
+    progress = run.progress
+    since, step = paced_from
+    remaining = budget - (now - run.started) - 2 * save_seconds
+    estimate = progress.step + int(max(remaining, 0.0) * (progress.step - step) / max(now - since, 1e-9))
+    if run.world.distributed:  # every process must decay alike: rank 0's estimate
+        estimate = broadcast_from_main(estimate, run.world)
+    first = progress.horizon == run.opts.step_limit
+    progress.horizon = max(min(estimate, run.opts.step_limit), progress.step + 1)
+    if first and progress.horizon < run.opts.step_limit:
+        reporter.log(
+            f"--max-minutes {run.opts.max_minutes:g} buys about {progress.horizon} steps at this pace: "
+            f"the learning rate ({run.opts.schedule}) decays to step {progress.horizon}, re-estimated at each save"
+        )
+
+
+def _average_last(run: Run, reporter: Reporter, valid_loss: float | None) -> float | None:
+    """The mean of the last saves' weights (checkpoints/), kept as the model if it validates better
+    than the best single save. Averaging is a standard gain for translation (Vaswani et al. 2017
+    averaged the last 5); the validation set decides, so it cannot make the model worse."""
+    n = _average_count(run.opts, bool(run.valid_examples))
+    if not run.world.is_main:  # the checkpoints are rank 0's files: it averages alone, the others wait in leave()
+        return valid_loss
+    root = run.out / CHECKPOINTS_DIR
+    kept = sorted(root.glob("step-*"))[-n:] if n >= 2 else []
+    best = run.progress.best_valid_loss
+    if len(kept) >= 2 and best is not None:
+        last_weights = {k: v.clone() for k, v in checkpoint.model_tensors(run.model).items()}
+        checkpoint.load_state_into(run.model, checkpoint.mean_weights([d / checkpoint.WEIGHTS_FILE for d in kept]), str(root))
+        loss = evaluate_loss(
+            run.model, run.valid_examples, run.model.cfg.pad_id, run.opts.batch_tokens, run.device, None, run.opts.precision
+        )
+        steps = [int(d.name.split("-")[1]) for d in kept]
+        better = loss < best
+        reporter.log(
+            f"average of the last {len(kept)} saves (steps {steps[0]}-{steps[-1]}): validation loss {loss:.4f}, "
+            + (
+                f"better than the best single save ({best:.4f}): it is the model"
+                if better
+                else f"not better than {best:.4f}: not kept"
+            )
+        )
+        with _saving(run):
+            if better:
+                checkpoint.save_model(run.out, run.model, run.tgt_tok, run.src_tok, run.generation)
+            checkpoint.load_state_into(run.model, last_weights, "the last weights")
+            if better:  # the state records the new best, so a resumed run compares with it
+                run.progress.best_valid_loss = valid_loss = loss
+                save_train_state(run.out, run.model, run.optimizer, run.opts, run.progress, run.world.size, run.scaler)
+            _append_log_entry(run, {"step": run.progress.step, "averaged_steps": steps, "valid_loss": round(loss, 5),
+                                    "best": better})  # fmt: skip
+    if n > run.opts.keep_checkpoints:
+        # Kept for the average only: drop what the user did not ask to keep.
+        for old in sorted(root.glob("step-*"))[: -run.opts.keep_checkpoints or None]:
+            remove_directory(old)
+        if run.opts.keep_checkpoints == 0 and root.is_dir() and not any(root.iterdir()):
+            root.rmdir()
+    return valid_loss
+
+
+def _average_count(opts: TrainOptions, has_validation: bool) -> int:
+    if opts.average is not None:
+        return opts.average
+    return DEFAULT_AVERAGE if has_validation else 0
+
+
+DEFAULT_AVERAGE = 5
 
 
 def _optimizer_step(run: Run, batches: list[tuple[int, int, list[int]]], n_tokens: int, lr: float) -> float:
@@ -855,10 +1047,9 @@ def _save(run: Run, improved: bool) -> None:
         raise _diverged(run, run.progress.step, "the weights are not finite")
     if run.world.is_main:
         with _saving(run):
-            if run.opts.keep_checkpoints:
-                _keep_checkpoint(
-                    run.out, run.progress.step, run.opts.keep_checkpoints, run.model, run.tgt_tok, run.src_tok, run.generation
-                )
+            keep = max(run.opts.keep_checkpoints, _average_count(run.opts, bool(run.valid_examples)))
+            if keep:
+                _keep_checkpoint(run.out, run.progress.step, keep, run.model, run.tgt_tok, run.src_tok, run.generation)
             if improved:
                 checkpoint.save_model(run.out, run.model, run.tgt_tok, run.src_tok, run.generation)
             save_train_state(run.out, run.model, run.optimizer, run.opts, run.progress, run.world.size, run.scaler)
@@ -883,8 +1074,13 @@ def _append_log(run: Run, loss: float, valid_loss: float | None, improved: bool,
         "lr": lr,
         "target_tokens_per_second": round(rate, 1),
     }
+    with _saving(run):
+        _append_log_entry(run, entry)
+
+
+def _append_log_entry(run: Run, entry: dict) -> None:
     line = (json.dumps(entry) + "\n").encode()
-    with _saving(run), open(run.out / LOG_FILE, "ab", buffering=0) as log:
+    with open(run.out / LOG_FILE, "ab", buffering=0) as log:
         log.write(line)
 
 

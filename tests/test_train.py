@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 import typer
 from conftest import TINY_CONFIG, run_cli, train_args
 from typer.testing import CliRunner
@@ -26,9 +27,10 @@ def invoke(*args):
 
 def test_resume_is_bit_for_bit(number_corpus, tmp_path):
     a, b = tmp_path / "A", tmp_path / "B"
-    # Dropout is on (0.1 in TINY_CONFIG), so this also checks the RNG state is restored.
-    assert invoke(*train_args(number_corpus, a, "--max-steps", "12")).exit_code == 0
-    assert invoke(*train_args(number_corpus, b, "--max-steps", "6")).exit_code == 0
+    # Dropout is on (0.1 in TINY_CONFIG), so this also checks the RNG state is restored. Raising
+    # --max-steps moves the default schedule's end (linear decays to it): inverse_sqrt does not depend on it.
+    assert invoke(*train_args(number_corpus, a, "--max-steps", "12", "--schedule", "inverse_sqrt")).exit_code == 0
+    assert invoke(*train_args(number_corpus, b, "--max-steps", "6", "--schedule", "inverse_sqrt")).exit_code == 0
     resumed = invoke("train", "--task", "translate", "--resume", str(b), "--max-steps", "12", "--quiet")
     assert resumed.exit_code == 0, resumed.output
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
@@ -159,19 +161,33 @@ def test_batches_depend_only_on_seed_and_epoch():
 
 
 def test_learning_rate_schedule():
-    opts = TrainOptions(task="translate", out="x", lr=1e-3, warmup_steps=100, max_steps=1000)
+    opts = TrainOptions(task="translate", out="x", lr=1e-3, warmup_steps=100, max_steps=1000, schedule="inverse_sqrt")
     assert learning_rate(50, opts) == pytest.approx(5e-4)
     assert learning_rate(100, opts) == pytest.approx(1e-3)
     assert learning_rate(400, opts) == pytest.approx(5e-4)  # inverse square root
-    cosine = TrainOptions(task="translate", out="x", lr=1e-3, warmup_steps=100, max_steps=1000, schedule="cosine")
+    cosine = dataclasses.replace(opts, schedule="cosine")
     assert learning_rate(1000, cosine) == pytest.approx(1e-4)
+    linear = dataclasses.replace(opts, schedule="linear")
+    assert learning_rate(100, linear) == pytest.approx(1e-3)
+    assert learning_rate(550, linear) == pytest.approx(5e-4)
+    assert learning_rate(1000, linear) == 0.0
+    # A time budget's horizon ends the decay before max_steps; it never extends past it.
+    assert learning_rate(300, linear, horizon=500) == pytest.approx(1e-3 * (1 - 200 / 400))
+    assert learning_rate(500, linear, horizon=500) == 0.0
+    assert learning_rate(550, linear, horizon=5000) == pytest.approx(5e-4)
+    # The default warmup: 400 steps, or a tenth of a shorter run.
+    default = TrainOptions(task="translate", out="x", lr=1e-3, max_steps=100000)
+    assert learning_rate(200, default) == pytest.approx(5e-4)
+    assert learning_rate(20, default, horizon=400) == pytest.approx(5e-4)
 
 
 @pytest.mark.parametrize(
     "field, value, message",
     [
         ("task", "classify", "--task 'classify' is not translate, summarize, qa or generate"),
-        ("schedule", "linear", "--schedule 'linear' is not inverse_sqrt, cosine or constant"),
+        ("schedule", "step", "--schedule 'step' is not linear, inverse_sqrt, cosine or constant"),
+        ("average", -1, "--average must be 0 (none) or more"),
+        ("max_minutes", 0, "--max-minutes must be more than 0"),
         ("precision", "fp8", "--precision 'fp8' is not fp32, bf16 or fp16"),
         ("batch_tokens", 8, "--batch-tokens must be at least 16"),
         ("keep_checkpoints", -1, "--keep-checkpoints must be 0 (none) or more"),
@@ -210,10 +226,83 @@ def test_train_log_has_one_line_per_save_and_a_resume_appends(number_corpus, tmp
     assert invoke(*train_args(number_corpus, out, "--max-steps", "6", "--valid-every", "3", *valid)).exit_code == 0
     resumed = invoke("train", "--task", "translate", "--resume", str(out), "--max-steps", "9", "--quiet")
     assert resumed.exit_code == 0, resumed.output
-    entries = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    # The first run ends by averaging its two saves (--average's default with validation data).
+    averaged = [e for e in lines if "averaged_steps" in e]
+    assert [e["averaged_steps"] for e in averaged] == [[3, 6]] and averaged[0]["valid_loss"] > 0
+    entries = [e for e in lines if "averaged_steps" not in e]
     assert [e["step"] for e in entries] == [3, 6, 9]
     assert all(e["valid_loss"] > 0 and e["train_loss"] > 0 and e["target_tokens_per_second"] > 0 for e in entries)
     assert entries[0]["target_tokens"] < entries[1]["target_tokens"] < entries[2]["target_tokens"]
     best = min(entries, key=lambda e: e["valid_loss"])
     assert best["best"] is True
     assert abs(entries[0]["valid_perplexity"] - math.exp(entries[0]["valid_loss"])) < 0.01 * entries[0]["valid_perplexity"]
+
+
+def test_a_time_budget_sets_the_schedule_horizon_and_the_run_fits_it(number_corpus, tmp_path):
+    out = tmp_path / "m"
+    valid = ("--valid-src", str(number_corpus / "valid.en"), "--valid-tgt", str(number_corpus / "valid.zh"))
+    started = time.monotonic()
+    result = invoke(*train_args(number_corpus, out, "--max-minutes", "0.15", "--max-steps", "100000", *valid))
+    seconds = time.monotonic() - started
+    assert result.exit_code == 0, result.output
+    state = json.loads((out / "train_state" / "state.json").read_text())
+    progress = state["progress"]
+    # The horizon is what the budget bought (estimated as the run went), not --max-steps...
+    assert progress["step"] < progress["horizon"] * 1.5 and progress["horizon"] < 100000
+    entries = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    saves = [e for e in entries if "averaged_steps" not in e]
+    # ... so the learning rate ends near zero, and saves came by time: about twenty in the budget.
+    assert saves[-1]["lr"] < 0.25 * 3e-3
+    assert 5 <= len(saves) <= 25
+    # The whole run (tokenizer and saves too) keeps to the budget, give or take one save.
+    assert seconds < 0.15 * 60 + 10
+    assert not (out / "checkpoints").exists()  # kept for the average only
+
+
+def test_the_average_of_the_last_saves_is_the_model_only_if_it_validates_better(number_corpus, tmp_path):
+    from llmcli import checkpoint
+
+    out = tmp_path / "m"
+    valid = ("--valid-src", str(number_corpus / "valid.en"), "--valid-tgt", str(number_corpus / "valid.zh"))
+    args = ("--max-steps", "9", "--valid-every", "3", "--average", "2", "--keep-checkpoints", "3", *valid)
+    assert invoke(*train_args(number_corpus, out, *args)).exit_code == 0
+    lines = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    averaged = lines[-1]
+    assert averaged["averaged_steps"] == [6, 9]
+    kept = [out / "checkpoints" / f"step-{s:07d}" / "model.safetensors" for s in (3, 6, 9)]
+    assert all(p.is_file() for p in kept)  # --keep-checkpoints 3 keeps what it asked for
+    model = checkpoint.load_weights(out / "model.safetensors")
+    mean = checkpoint.mean_weights(kept[1:])
+    best_single = min((e for e in lines[:-1]), key=lambda e: e["valid_loss"])
+    if averaged["best"]:
+        assert averaged["valid_loss"] < best_single["valid_loss"]
+        assert all(torch.equal(model[k], mean[k]) for k in model)
+    else:
+        single = checkpoint.load_weights(kept[best_single["step"] // 3 - 1])
+        assert all(torch.equal(model[k], single[k]) for k in model)
+    # The state keeps the last weights, to resume from.
+    state = checkpoint.load_weights(out / "train_state" / "model.safetensors")
+    last = checkpoint.load_weights(kept[-1])
+    assert all(torch.equal(state[k], last[k]) for k in state)
+
+
+def test_auto_vocabulary_scales_with_the_text_and_keeps_room_for_frequent_characters():
+    from llmcli.train import auto_vocab_size
+
+    assert auto_vocab_size(["a b c"] * 10) == 1000  # the floor
+    assert auto_vocab_size(["x" * 1000] * 3900) == 4000  # Multi30k's size
+    assert auto_vocab_size(["y" * 100_000] * 1000) == 32000  # the ceiling
+    # 3000 distinct CJK characters, each seen 10 times: room for all of them besides bytes.
+    cjk = "".join(chr(0x4E00 + i) for i in range(3000)) * 10
+    assert auto_vocab_size([cjk]) >= 260 + 2 * 3000
+
+
+def test_a_decoder_only_model_has_the_positions_it_is_trained_on(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("".join(f"line {i} of some text.\n" for i in range(100)), encoding="utf-8")
+    out = tmp_path / "lm"
+    result = invoke("train", "--task", "generate", "--text", str(text), "--out", str(out), "--vocab-size", "300",
+                    "--block-size", "48", "--max-steps", "1", "--preset", "tiny", "--quiet")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["max_positions"] == 48
