@@ -13,6 +13,7 @@ best of --repeat runs after one warm-up; the systems alternate so machine noise 
     python bench/decode.py --families marian --threads 2 --repeat 3
     python bench/decode.py --batch 1 --new 64       # one sentence at a time, as in chat
     LLMCLI_ONEDNN=0 python bench/decode.py          # llmcli's linear layers on MKL, as transformers' are
+    python bench/decode.py --profile 3              # and where each llmcli run's time goes (torch.profiler)
     python bench/decode.py --families llama --size 135m --batch 1,8 --new 48 --beams 1 \
         --precision fp32,bf16,int8,int4 --json out.json   # the SmolLM-135M shape; CTranslate2 fp32 and int8
 
@@ -213,6 +214,8 @@ def main() -> None:
     p.add_argument("--no-transformers", action="store_true", help="skip transformers (then 'same' is not checked)")
     p.add_argument("--repeat", type=int, default=2, help="timed runs per measurement (the best counts)")
     p.add_argument("--json", help="also write the rows and the machine to this JSON file")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after each row, profile one run of each llmcli precision (torch.profiler) and print its N costliest ops")  # fmt: skip
     p.add_argument(
         "--threads",
         type=int,
@@ -272,10 +275,24 @@ def main() -> None:
                            "same": outputs["llmcli fp32"] == outputs["transformers"] if reference and "transformers" in outputs else None}  # fmt: skip
                     rows_out.append(row)
                     _print_row(row, header=len(rows_out) == 1)
+                    for name in systems_made if args.profile else ():
+                        _print_profile(name, systems[name], args.profile)
     print(f"\n{args.new} new tokens per row; tok/s = batch x new tokens / best wall time; 'same': llmcli fp32's "
           "tokens == transformers'" + ("" if ct2_types else "; ctranslate2 not installed (pip install ctranslate2 to compare)"))  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": info, "args": vars(args), "rows": rows_out}, indent=1))
+
+
+def _print_profile(name: str, fn, n: int) -> None:
+    """The n ops of most self time in one run, with their calls: where a step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in ops)
+    print(f"  {name}: {total / 1e3:,.0f} ms profiled; " + "; ".join(
+        f"{e.key} {e.self_cpu_time_total / total:.0%} ({e.count} calls)" for e in ops[:n]), flush=True)  # fmt: skip
 
 
 def _print_row(row: dict, header: bool) -> None:

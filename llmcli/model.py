@@ -227,11 +227,18 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, n, self.head_dim).transpose(1, 2)  # (B, n, T, D)
 
-    def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        k = self._heads(self.k_proj(x), self.n_kv_heads)  # (B, Hkv, S, D)
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Self-attention's three products of x, (B, T, n * D) each: where llmcli.fast makes them one."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def kv_heads(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self._heads(k, self.n_kv_heads)  # (B, Hkv, S, D)
         if self.k_norm is not None:
             k = self.k_norm(k)
-        return k, self._heads(self.v_proj(x), self.n_kv_heads)
+        return k, self._heads(v, self.n_kv_heads)
+
+    def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.kv_heads(self.k_proj(x), self.v_proj(x))
 
     def forward(
         self,
@@ -243,17 +250,19 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         is_causal: bool = False,
     ) -> torch.Tensor:
-        q = self._heads(self.q_proj(x), self.n_heads)  # (B, H, T, D)
+        if kv is None:  # self-attention
+            q, k, v = self.project_qkv(x)
+            k, v = self.kv_heads(k, v)
+        else:
+            q, (k, v) = self.q_proj(x), kv
+        q = self._heads(q, self.n_heads)  # (B, H, T, D)
         if self.q_norm is not None:
             q = self.q_norm(q)
         if kv is None:
-            k, v = self.project_kv(x)
             if rope is not None:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
             if past is not None:
                 k, v = past.extend(k, v)  # (B, Hkv, S, D)
-        else:
-            k, v = kv
         B, _, T, _ = q.shape
         out = self.attend(q, k, v, mask, is_causal)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
