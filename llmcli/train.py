@@ -326,8 +326,8 @@ AUTO_VOCAB_RANGE = (1000, 32000)
 
 def auto_vocab_size(texts: list[str]) -> int:
     """A vocabulary for this much text: small corpora want small vocabularies, whose tokens are
-    each seen often enough to learn (Multi30k, 3.9M characters: 4000; Tiny Shakespeare, 1.1M:
-    1000; WMT-sized corpora: 32000), with room for every character seen 10 times or more, so a
+    each seen often enough to learn (Multi30k, 3.8M characters: 4000; Tiny Shakespeare, 1.0M:
+    1500; WMT-sized corpora: 32000), with room for every character seen 10 times or more, so a
     CJK corpus is not spelled in bytes."""
     counts = Counter()
     for text in texts:
