@@ -922,9 +922,7 @@ def _average_last(run: Run, reporter: Reporter, valid_loss: float | None) -> flo
     if len(kept) >= 2 and best is not None:
         last_weights = {k: v.clone() for k, v in checkpoint.model_tensors(run.model).items()}
         checkpoint.load_state_into(run.model, checkpoint.mean_weights([d / checkpoint.WEIGHTS_FILE for d in kept]), str(root))
-        loss = evaluate_loss(
-            run.model, run.valid_examples, run.model.cfg.pad_id, run.opts.batch_tokens, run.device, None, run.opts.precision
-        )
+        loss = _valid_loss(run, None)
         steps = [int(d.name.split("-")[1]) for d in kept]
         better = loss < best
         reporter.log(
@@ -1021,12 +1019,18 @@ class _Speed:
         return self.rate or self.tokens / max(now - self.start, 1e-9)
 
 
+def _valid_loss(run: Run, world: World | None) -> float:
+    """The model's validation loss as it is now; world None: this process alone."""
+    opts = run.opts
+    return evaluate_loss(
+        run.model, run.valid_examples, run.model.cfg.pad_id, opts.batch_tokens, run.device, world, opts.precision
+    )
+
+
 def _validate(run: Run, reporter: Reporter) -> tuple[float, bool]:
     """The validation loss, and whether it is the best so far (progress keeps count)."""
     progress = run.progress
-    loss = evaluate_loss(
-        run.model, run.valid_examples, run.model.cfg.pad_id, run.opts.batch_tokens, run.device, run.world, run.opts.precision
-    )
+    loss = _valid_loss(run, run.world)
     improved = progress.best_valid_loss is None or loss < progress.best_valid_loss
     if improved:
         progress.best_valid_loss = loss
