@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -91,6 +92,13 @@ def unprivileged() -> list[str]:
     if capsh is None:
         pytest.skip("running as root, which reads through permissions, and capsh (to drop that) is not installed")
     return [capsh, "--drop=cap_dac_override,cap_dac_read_search", "--", "-c", 'exec "$0" "$@"']
+
+
+def sigint_default() -> None:
+    """A child's preexec_fn: SIGINT at its default, as in a terminal's foreground job that Ctrl-C
+    reaches. Run from a background job of a non-interactive shell (`pytest &` in a script), the
+    tests would pass SIGINT on ignored, and Python installs no KeyboardInterrupt handler then."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_cli(*args: str, input: bytes | None = None, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:

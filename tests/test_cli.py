@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from conftest import run_cli
+from conftest import run_cli, sigint_default
 from typer.testing import CliRunner
 
 from llmcli.cli import app
@@ -129,7 +129,7 @@ def test_ctrl_c_exits_130_with_only_complete_lines(tiny_model, tmp_path):
     big.write_text("seventy-seven thousand three hundred one\n" * 20000)
     proc = subprocess.Popen([sys.executable, "-m", "llmcli", "translate", "-m", str(tiny_model), "--beam", "1",
                              "--chunk-lines", "50", str(big)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=sigint_default)  # fmt: skip
     first = proc.stdout.readline()  # it is producing output
     assert first.endswith(b"\n")
     proc.send_signal(signal.SIGINT)

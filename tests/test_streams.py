@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from conftest import run_cli
+from conftest import run_cli, sigint_default
 
 ARGS = ["--beam", "1", "--max-len", "6", "--quiet"]
 WORDS = ["one", "two", "three", "forty five", "", "seven hundred"]
@@ -20,8 +20,13 @@ def numbers_file(path, n):
 
 
 def start(*args, stdin=None, stdout=subprocess.PIPE, preexec_fn=None):
+    def prepare():
+        sigint_default()
+        if preexec_fn is not None:
+            preexec_fn()
+
     return subprocess.Popen([sys.executable, "-m", "llmcli", *args], stdin=stdin, stdout=stdout,
-                            stderr=subprocess.PIPE, preexec_fn=preexec_fn)  # fmt: skip
+                            stderr=subprocess.PIPE, preexec_fn=prepare)  # fmt: skip
 
 
 def wait_until(condition, timeout=120):

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 import typer
-from conftest import TINY_CONFIG, run_cli, train_args
+from conftest import TINY_CONFIG, run_cli, sigint_default, train_args
 from typer.testing import CliRunner
 
 from llmcli.cli import app
@@ -103,7 +103,9 @@ def test_bad_training_data_is_one_line_exit_2(number_corpus, tmp_path, mutate, m
 def test_ctrl_c_saves_a_resumable_checkpoint_and_exits_130(number_corpus, tmp_path):
     out = tmp_path / "m"
     args = [a for a in train_args(number_corpus, out, "--max-steps", "100000") if a != "--quiet"]
-    proc = subprocess.Popen([sys.executable, "-m", "llmcli", *args], stderr=subprocess.PIPE, stdout=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmcli", *args], stderr=subprocess.PIPE, stdout=subprocess.PIPE, preexec_fn=sigint_default
+    )
     deadline = time.monotonic() + 120
     seen = b""
     while b"parameters" not in seen and time.monotonic() < deadline:
