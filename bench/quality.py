@@ -10,6 +10,7 @@ the commands, parses the trainer's summary lines and collects the scores.
     python bench/quality.py --tasks en-de --extra-train-args "--preset tiny --lr 1e-3 --vocab-size 6000"
     python bench/quality.py --tasks shakespeare,csl --minutes 0.5 --keep runs/   # keep the models
     python bench/quality.py --minutes 0.5 --beam 1 --limit 50 --extra-train-args "--preset tiny"  # a smoke run
+    python bench/quality.py --keep runs/ --reuse --precisions fp32,bf16,int8,int4   # the same models, other precisions
 
 Tasks (../shared/data, or --data DIR; a task whose folder is missing is skipped, saying so):
   en-de, en-fr  Multi30k: train on train.*, validate on val.*, translate test_2016_flickr and
@@ -31,6 +32,11 @@ the average of the last saves where it validates better: `llmcli train --help`);
 is appended to every train command, so its options win over the bench's (`--preset tiny`, `--lr`,
 `--set d_model=384`, ...). --max-minutes bounds the whole training command, tokenizer and last
 save included; the "wall min" column is the command's own time.
+
+--precisions decodes (and scores perplexity) once per inference precision (`--precision` of
+translate, summarize and eval), each row against the fp32 row of the same test: the quality guard
+of the lower precisions. --reuse, with --keep DIR, takes DIR/<task>/model where a previous run left
+one instead of training again (its training record read back from the files that run kept).
 
 The table goes to stderr, --json writes everything: CPU model and flags, torch's threads and
 version, each command as run, the trainer's steps, target tokens/s and validation loss, scores.
@@ -107,6 +113,11 @@ class Task:
         cmd = llmcli("train", *task_args, "--out", out, "--max-minutes", self.args.minutes)
         cmd += shlex.split(self.args.extra_train_args)
         log = self.work / "train.log"
+        if self.args.reuse and (out / "config.json").is_file() and log.is_file():
+            print(f"[{self.name}] reusing {out} (--reuse)", file=sys.stderr, flush=True)
+            self.train = parse_train_log(log.read_text(encoding="utf-8"), out)
+            self.train["reused"] = str(out)
+            return out
         print(f"[{self.name}] training ({self.args.minutes} min budget), log: {log}", file=sys.stderr, flush=True)
         _, stderr, seconds = self.call(cmd, log)
         self.train = parse_train_log(stderr, out)
@@ -126,6 +137,10 @@ class Task:
         if self.args.length_penalty is not None:
             opts += ["--length-penalty", str(self.args.length_penalty)]
         return opts
+
+    def precisions(self) -> list[tuple[list[str], str]]:
+        """(options, label) for each --precisions entry."""
+        return [(["--precision", p], p) for p in self.args.precisions]
 
     def record(self) -> dict:
         return {"commands": self.commands, "train": self.train, "scores": self.scores}
@@ -206,13 +221,15 @@ def translation(name: str, data: Path, work: Path, args: argparse.Namespace) -> 
     )
     for test in TEST_SETS:
         source, ref = test_files(data / f"{test}.{src}", data / f"{test}.{tgt}", work, args.limit)
-        hyp = work / f"{test}.hyp.{tgt}"
-        _, _, seconds = task.call(llmcli("translate", "-m", model, source, "-o", hyp, "-q", *task.decode_options()))
         label = test if args.limit is None else f"{test}[:{args.limit}]"
-        bleu = task.score("bleu", hyp, ref, label, decode_seconds=seconds)
-        chrf = task.score("chrf", hyp, ref, label)
-        if args.check is None:  # the first case of the run: llmcli eval == sacrebleu in-process
-            args.check = {"case": f"{name} {test}", **sacrebleu_check(hyp, ref, bleu, chrf)}
+        for options, precision in task.precisions():
+            hyp = work / f"{test}.{precision}.hyp.{tgt}"
+            cmd = llmcli("translate", "-m", model, source, "-o", hyp, "-q", *task.decode_options(), *options)
+            _, _, seconds = task.call(cmd)
+            bleu = task.score("bleu", hyp, ref, label, precision=precision, decode_seconds=seconds)
+            chrf = task.score("chrf", hyp, ref, label, precision=precision)
+            if args.check is None:  # the first case of the run: llmcli eval == sacrebleu in-process
+                args.check = {"case": f"{name} {test} {precision}", **sacrebleu_check(hyp, ref, bleu, chrf)}
     return task
 
 
@@ -238,14 +255,17 @@ def shakespeare(data: Path, work: Path, args: argparse.Namespace) -> Task:
             block,
         ]  # fmt: skip
     )
-    stdout, _, _ = task.call(llmcli("eval", valid, "--metric", "perplexity", "-m", model, "--json"))
-    result = json.loads(stdout)
     # Bits per byte is the summed loss over the UTF-8 bytes of the text scored (its lines joined by
     # newlines: the file's last newline is not part of it); recomputed here from the other fields.
     joined = "\n".join(text[cut:].splitlines())
-    result["bits_per_byte_recomputed"] = result["loss"] * result["tokens"] / math.log(2) / len(joined.encode("utf-8"))
-    result["nats_per_byte"] = result["bits_per_byte"] * math.log(2)  # nanoGPT's char-level val loss, on ASCII
-    task.scores.append({"test": "valid (last 10%)", "system": "model", **result})
+    for options, precision in task.precisions():
+        cmd = llmcli("eval", valid, "--metric", "perplexity", "-m", model, "--json", *options)
+        stdout, _, seconds = task.call(cmd)
+        result = json.loads(stdout)
+        result["bits_per_byte_recomputed"] = result["loss"] * result["tokens"] / math.log(2) / len(joined.encode("utf-8"))
+        result["nats_per_byte"] = result["bits_per_byte"] * math.log(2)  # nanoGPT's char-level val loss, on ASCII
+        task.scores.append({"test": "valid (last 10%)", "system": "model", "precision": precision,
+                            "eval_seconds": seconds, **result})  # fmt: skip
     return task
 
 
@@ -283,10 +303,12 @@ def csl(data: Path, work: Path, args: argparse.Namespace) -> Task:
             "small",
         ]  # fmt: skip
     )
-    hyp = work / "test.hyp"
-    task.call(llmcli("summarize", "-m", model, work / "test.src", "-o", hyp, "-q", *task.decode_options()))
     label = "test" if args.limit is None else f"test[:{args.limit}]"
-    task.score("rouge", hyp, work / "test.tgt", label)
+    for options, precision in task.precisions():
+        hyp = work / f"test.{precision}.hyp"
+        cmd = llmcli("summarize", "-m", model, work / "test.src", "-o", hyp, "-q", *task.decode_options(), *options)
+        _, _, seconds = task.call(cmd)
+        task.score("rouge", hyp, work / "test.tgt", label, precision=precision, decode_seconds=seconds)
     task.score("rouge", work / "lead16.txt", work / "test.tgt", label, system=f"lead-{LEAD_CHARS}")
     return task
 
@@ -309,10 +331,17 @@ def machine() -> dict:
     }
 
 
+def headline(s: dict) -> float:
+    if s["metric"] == "rouge":
+        return s["rougeL"]["f"]
+    return s["bits_per_byte"] if s["metric"] == "perplexity" else s["score"]
+
+
 def rows(name: str, task: Task) -> list[list[str]]:
     t = task.train
     common = [str(t.get("steps", "?")), f"{t['target_tokens_per_second']:,}" if "target_tokens_per_second" in t else "?",
-              f"{t.get('wall_minutes', 0):.1f}"]  # fmt: skip
+              f"{t['wall_minutes']:.1f}" if "wall_minutes" in t else "-"]  # fmt: skip
+    fp32 = {(s["test"], s["metric"]): headline(s) for s in task.scores if s.get("precision") == "fp32"}
     out = []
     for s in task.scores:
         if s["metric"] in ("bleu", "chrf"):
@@ -324,12 +353,23 @@ def rows(name: str, task: Task) -> list[list[str]]:
             ]
         else:
             shown = [f"bpb {s['bits_per_byte']:.3f}", f"ppl {s['score']:.2f} over {s['tokens']} tokens, context {s['context']}"]
-        out.append([name, s["test"], s["system"], shown[0], *common, shown[1]])
+        precision = s.get("precision", "-")
+        reference = fp32.get((s["test"], s["metric"]))
+        if precision not in ("fp32", "-") and reference is not None:
+            if s["metric"] == "perplexity":
+                shown[1] = f"ppl {100 * (s['score'] / fp32_perplexity(task, s['test']) - 1):+.2f}% vs fp32; " + shown[1]
+            else:
+                shown[1] = f"{headline(s) - reference:+.2f} vs fp32; " + shown[1]
+        out.append([name, s["test"], s["system"], precision, shown[0], *common, shown[1]])
     return out
 
 
+def fp32_perplexity(task: Task, test: str) -> float:
+    return next(s["score"] for s in task.scores if s["test"] == test and s.get("precision") == "fp32")
+
+
 def print_table(results: dict[str, Task], minutes: float) -> None:
-    header = ["task", "test", "system", "score", "steps", "tgt tok/s", "wall min", "detail"]
+    header = ["task", "test", "system", "precision", "score", "steps", "tgt tok/s", "wall min", "detail"]
     table = [header] + [r for name, task in results.items() for r in rows(name, task)]
     widths = [max(len(r[i]) for r in table) for i in range(len(header) - 1)]
     print(f"\n# training budget {minutes} min per task (--max-minutes)", file=sys.stderr)
@@ -353,12 +393,26 @@ def main() -> None:
     p.add_argument(
         "--keep", type=Path, default=None, help="keep models, logs and outputs in DIR/<task>/ (default: a temporary dir)"
     )
+    p.add_argument(
+        "--precisions",
+        default="fp32",
+        help="comma-separated inference precisions to decode and score each model at: fp32,bf16,int8,int4,auto",
+    )
+    p.add_argument("--reuse", action="store_true", help="with --keep DIR: use DIR/<task>/model where it exists, untrained")
     p.add_argument("--data", type=Path, default=DATA, help="the shared corpora (default: ../shared/data)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args()
     names = [n.strip() for n in args.tasks.split(",") if n.strip()]
     if unknown := [n for n in names if n not in TASKS]:
         p.error(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    args.precisions = [x.strip() for x in args.precisions.split(",") if x.strip()]
+    if bad := [x for x in args.precisions if x not in ("fp32", "bf16", "int8", "int4", "auto")]:
+        p.error(f"unknown precision(s) {', '.join(bad)}")
+    if "fp32" in args.precisions:  # first: the other rows are read against it
+        args.precisions.remove("fp32")
+        args.precisions.insert(0, "fp32")
+    if args.reuse and args.keep is None:
+        p.error("--reuse needs --keep DIR (where the models are)")
     if not args.data.is_dir():
         print(f"quality.py: skipped: {args.data} is absent (the shared corpora; see SOURCES.md there)", file=sys.stderr)
         return
@@ -390,6 +444,8 @@ def main() -> None:
             "minutes": args.minutes,
             "beam": args.beam,
             "length_penalty": args.length_penalty,
+            "precisions": args.precisions,
+            "reuse": args.reuse,
             "block_size": args.block_size,
             "limit": args.limit,
             "extra_train_args": args.extra_train_args,
