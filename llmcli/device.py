@@ -91,18 +91,31 @@ def cpu_has_bf16(flags: set[str] | None = None) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def auto_precision(device: torch.device) -> str:
-    """What `--precision auto` runs: bf16 where the hardware multiplies in it, else fp32.
+# torch's dynamic int8 linear, llmcli.fast's int8 kernel; without it int8 is weight-only and slower
+FBGEMM_INT8 = "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "linear_dynamic")
 
-    Measured (bench/decode.py, one AMD EPYC Zen 4 core, 135M Llama shape and marian-base): int8
-    decodes fastest (1.2-2.8x fp32, 1.0-1.5x bf16), but it quantizes activations per tensor, which
-    outlier channels of trained LLMs punish (LLM.int8(), Dettmers et al. 2022), and neither it nor
-    int4 (slower than int8 here) has yet passed the quality guard on trained models; bf16 only
-    rounds, and softmax, log-probabilities and scores stay float32. Not the default: fp32 is, as
-    it gives transformers' tokens."""
+
+def auto_precision(device: torch.device) -> str:
+    """What `--precision auto` runs: the fastest kind this machine has whose quality guard holds.
+
+    The guard (bench/quality.py --precisions, models trained by bench/quality.py): bf16 and int8
+    within 0.21 BLEU of fp32 on Multi30k test2016/2017 and within 0.01% perplexity on Tiny
+    Shakespeare; int4 within 0.35 BLEU and 0.19%. Speed (bench/decode.py and bench/quality.py's
+    decode times, AMD EPYC Zen 4): int8 decodes fastest (1.2-2.8x fp32, 1.0-1.5x bf16; fbgemm's
+    VNNI kernel), int4 only at one row. So: int8 where fbgemm runs on VNNI; but bf16 on AMX, whose
+    bf16 tiles multiply 3-8x faster than fp32 (issue 14's Intel Xeon figures) and which fbgemm
+    does not use; bf16 where only avx512_bf16 is there; fp32 elsewhere. On a GPU, bf16. The
+    default stays fp32: the only precision that gives transformers' tokens."""
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type == "cpu" and cpu_has_bf16() and torch.backends.mkldnn.is_available():
+    if device.type != "cpu":
+        return "fp32"
+    flags = cpu_flags()
+    if "amx_bf16" in flags and torch.backends.mkldnn.is_available():
+        return "bf16"
+    if FBGEMM_INT8 and ("avx512_vnni" in flags or "avx_vnni" in flags):
+        return "int8"
+    if cpu_has_bf16(flags) and torch.backends.mkldnn.is_available():
         return "bf16"
     return "fp32"
 

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmcli.device import cpu_flags
+from llmcli.device import FBGEMM_INT8, cpu_flags
 from llmcli.model import ACTIVATIONS, Attention, FeedForward
 
 # Below this many weights oneDNN's fixed cost per call (about 12 us) outweighs its faster kernel:
@@ -221,8 +221,7 @@ class Int8Linear(PackedLinear):
     kernels = (INT8, PACKED)
 
 
-_FBGEMM = "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "linear_dynamic")
-INT8_KERNEL = "fbgemm" if _FBGEMM else "weight-only"
+INT8_KERNEL = "fbgemm" if FBGEMM_INT8 else "weight-only"
 
 
 def _int8_pack(weight: torch.Tensor) -> tuple[str, object, torch.Tensor]:

@@ -179,6 +179,25 @@ def test_info_shows_flags_and_auto(llama, monkeypatch):
     assert result.exit_code == 0, result.output
     facts = {line[:14].strip(): line[14:].strip() for line in result.stdout.splitlines()}  # "key           value"
     assert facts["cpu flags"] == "avx512f, avx512_bf16, avx512_vnni"
-    assert facts["precision auto"] == "bf16"
+    assert facts["precision auto"] == ("int8" if device.FBGEMM_INT8 else "bf16")
     monkeypatch.setattr(device, "cpu_flags", lambda: set())
     assert run("info", "-m", llama[0], "--json").stdout.count('"precision auto": "fp32"') == 1
+
+
+@pytest.mark.parametrize(
+    "flags, picked",
+    [
+        ({"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile"}, "bf16"),  # AMX tiles
+        ({"avx2", "avx512f", "avx512_bf16", "avx512_vnni"}, "int8"),  # AMD Zen 4: fbgemm's VNNI int8 fastest
+        ({"avx2", "avx_vnni"}, "int8"),
+        ({"avx2", "avx512f", "avx512_bf16"}, "bf16"),
+        ({"avx2", "avx512f"}, "fp32"),
+    ],
+)
+def test_auto_is_the_fastest_guarded_kind_of_the_cpu(flags, picked, monkeypatch):
+    monkeypatch.setattr(device, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(device, "FBGEMM_INT8", True)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    assert device.auto_precision(torch.device("cpu")) == picked
+    monkeypatch.setattr(device, "FBGEMM_INT8", False)  # no fbgemm: int8 is weight-only, not picked
+    assert device.auto_precision(torch.device("cpu")) != "int8"
