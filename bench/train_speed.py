@@ -6,11 +6,18 @@ the two so machine noise hits both alike. Reports target tokens/s and the ratio.
 
     python bench/train_speed.py                 # transformer-base, 6 timed steps each
     python bench/train_speed.py --preset small --steps 20
+    python bench/train_speed.py --preset small --precision fp32,bf16 --json t.json
+
+--precision bf16 runs both models' forward passes and losses under torch.autocast(bfloat16), as
+`llmcli train --precision bf16` does: fp32 master weights, gradients and AdamW. Each precision
+gets fresh models from the same seed; the header names the CPU and the flags that decide bf16.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import statistics
 import time
 from pathlib import Path
@@ -20,6 +27,7 @@ import torch.nn.functional as F
 
 from llmcli.config import preset
 from llmcli.data import IGNORE_INDEX, collate, make_batches, seq2seq_example
+from llmcli.device import CPU_FLAGS, cpu_flags, cpu_name
 from llmcli.model import Transformer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
@@ -67,16 +75,16 @@ def hf_step(model, batch):
     return F.cross_entropy(out.logits.flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX, label_smoothing=0.1)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="base")
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--batch-tokens", type=int, default=4096)
-    parser.add_argument("--vocab", type=int, default=8000)
-    args = parser.parse_args()
+def autocast(precision: str):
+    # What llmcli/train.py's _autocast does on a CPU.
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def measure(cfg, data, precision: str) -> dict[str, list[float]]:
+    """Target tokens/s of each step, per contender, steps alternating between them."""
     torch.manual_seed(0)
-    cfg = preset(args.preset, vocab_size=args.vocab, max_positions=256)
-    data, source = batches(args.vocab, args.batch_tokens, args.steps + 1)
     contenders = {"llmcli": (Transformer(cfg), ours_step)}
     try:
         contenders["transformers"] = (hf_marian(cfg), hf_step)
@@ -88,21 +96,57 @@ def main() -> None:
         for name, (model, step) in contenders.items():
             model.train()
             started = time.perf_counter()
-            loss = step(model, batch)
+            with autocast(precision):
+                loss = step(model, batch)
             optimizers[name].zero_grad()
             loss.backward()
             optimizers[name].step()
             seconds = time.perf_counter() - started
             if i > 0:  # the first step warms up allocators and kernels
                 rates[name].append(batch.n_target_tokens / seconds)
-    n_params = sum(p.numel() for p in contenders["llmcli"][0].parameters())
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="base")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--batch-tokens", type=int, default=4096)
+    parser.add_argument("--vocab", type=int, default=8000)
+    parser.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16 (autocast, as llmcli train)")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = parser.parse_args()
+    precisions = [x.strip() for x in args.precision.split(",") if x.strip()]
+    if bad := [x for x in precisions if x not in ("fp32", "bf16")]:
+        parser.error(f"unknown precision(s) {', '.join(bad)}; use fp32 or bf16")
+    flags = cpu_flags()
+    print(f"# {cpu_name()}; flags: {' '.join(f for f in CPU_FLAGS if f in flags) or '-'}; "
+          f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads")  # fmt: skip
+    cfg = preset(args.preset, vocab_size=args.vocab, max_positions=256)
+    data, source = batches(args.vocab, args.batch_tokens, args.steps + 1)
+    n_params = sum(p.numel() for p in Transformer(cfg).parameters())
     print(f"preset {args.preset} ({n_params / 1e6:.1f}M parameters), {source}, batch {args.batch_tokens} tokens, "
-          f"{args.steps} timed steps, {torch.get_num_threads()} threads")  # fmt: skip
-    for name, values in rates.items():
-        print(f"{name:14} {statistics.median(values):10,.0f} target tokens/s (median)")
-    if "transformers" in rates:
-        ratio = statistics.median(rates["llmcli"]) / statistics.median(rates["transformers"])
-        print(f"ratio llmcli / transformers: {ratio:.2f}")
+          f"{args.steps} timed steps")  # fmt: skip
+    results = {}
+    for precision in precisions:
+        rates = measure(cfg, data, precision)
+        medians = {name: statistics.median(values) for name, values in rates.items()}
+        results[precision] = {"target_tokens_per_second": medians, "steps": rates}
+        for name, median in medians.items():
+            print(f"{precision:5} {name:14} {median:10,.0f} target tokens/s (median)")
+        if "transformers" in medians:
+            results[precision]["ratio"] = medians["llmcli"] / medians["transformers"]
+            print(f"{precision:5} ratio llmcli / transformers: {results[precision]['ratio']:.2f}")
+    if "fp32" in results and "bf16" in results:
+        for name in results["bf16"]["target_tokens_per_second"]:
+            speedup = results["bf16"]["target_tokens_per_second"][name] / results["fp32"]["target_tokens_per_second"][name]
+            print(f"bf16 / fp32, {name}: {speedup:.2f}")
+    if args.json:
+        report = {"cpu": cpu_name(), "cpu_flags": {f: f in flags for f in CPU_FLAGS}, "torch": torch.__version__,
+                  "threads": torch.get_num_threads(), "preset": args.preset, "parameters": n_params, "data": source,
+                  "batch_tokens": args.batch_tokens, "timed_steps": args.steps, "results": results}  # fmt: skip
+        args.json.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        print(f"# wrote {args.json}")
 
 
 if __name__ == "__main__":
