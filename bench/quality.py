@@ -341,7 +341,7 @@ def rows(name: str, task: Task) -> list[list[str]]:
     t = task.train
     common = [str(t.get("steps", "?")), f"{t['target_tokens_per_second']:,}" if "target_tokens_per_second" in t else "?",
               f"{t['wall_minutes']:.1f}" if "wall_minutes" in t else "-"]  # fmt: skip
-    fp32 = {(s["test"], s["metric"]): headline(s) for s in task.scores if s.get("precision") == "fp32"}
+    fp32 = {(s["test"], s["metric"]): s for s in task.scores if s.get("precision") == "fp32"}
     out = []
     for s in task.scores:
         if s["metric"] in ("bleu", "chrf"):
@@ -357,15 +357,11 @@ def rows(name: str, task: Task) -> list[list[str]]:
         reference = fp32.get((s["test"], s["metric"]))
         if precision not in ("fp32", "-") and reference is not None:
             if s["metric"] == "perplexity":
-                shown[1] = f"ppl {100 * (s['score'] / fp32_perplexity(task, s['test']) - 1):+.2f}% vs fp32; " + shown[1]
+                shown[1] = f"ppl {100 * (s['score'] / reference['score'] - 1):+.2f}% vs fp32; " + shown[1]
             else:
-                shown[1] = f"{headline(s) - reference:+.2f} vs fp32; " + shown[1]
+                shown[1] = f"{headline(s) - headline(reference):+.2f} vs fp32; " + shown[1]
         out.append([name, s["test"], s["system"], precision, shown[0], *common, shown[1]])
     return out
-
-
-def fp32_perplexity(task: Task, test: str) -> float:
-    return next(s["score"] for s in task.scores if s["test"] == test and s.get("precision") == "fp32")
 
 
 def print_table(results: dict[str, Task], minutes: float) -> None:

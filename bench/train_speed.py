@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from llmcli.config import preset
 from llmcli.data import IGNORE_INDEX, collate, make_batches, seq2seq_example
-from llmcli.device import CPU_FLAGS, cpu_flags, cpu_name
+from llmcli.device import precision_facts
 from llmcli.model import Transformer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
@@ -119,9 +119,9 @@ def main() -> None:
     precisions = [x.strip() for x in args.precision.split(",") if x.strip()]
     if bad := [x for x in precisions if x not in ("fp32", "bf16")]:
         parser.error(f"unknown precision(s) {', '.join(bad)}; use fp32 or bf16")
-    flags = cpu_flags()
-    print(f"# {cpu_name()}; flags: {' '.join(f for f in CPU_FLAGS if f in flags) or '-'}; "
-          f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads")  # fmt: skip
+    facts = precision_facts()  # what `llmcli info` says of this CPU
+    print(f"# {facts['cpu']}; flags: {' '.join(facts['cpu flags'])}; torch {torch.__version__} ({facts['torch cpu']}), "
+          f"{torch.get_num_threads()} threads")  # fmt: skip
     cfg = preset(args.preset, vocab_size=args.vocab, max_positions=256)
     data, source = batches(args.vocab, args.batch_tokens, args.steps + 1)
     n_params = sum(p.numel() for p in Transformer(cfg).parameters())
@@ -142,7 +142,7 @@ def main() -> None:
             speedup = results["bf16"]["target_tokens_per_second"][name] / results["fp32"]["target_tokens_per_second"][name]
             print(f"bf16 / fp32, {name}: {speedup:.2f}")
     if args.json:
-        report = {"cpu": cpu_name(), "cpu_flags": {f: f in flags for f in CPU_FLAGS}, "torch": torch.__version__,
+        report = {"cpu": facts["cpu"], "cpu_flags": facts["cpu flags"], "torch": torch.__version__,
                   "threads": torch.get_num_threads(), "preset": args.preset, "parameters": n_params, "data": source,
                   "batch_tokens": args.batch_tokens, "timed_steps": args.steps, "results": results}  # fmt: skip
         args.json.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
