@@ -180,7 +180,11 @@ def train(
     block_size: int = typer.Option(256, help="generate: tokens per training sequence."),
     seed: int = typer.Option(1, help="Random seed: same seed, same data, same model."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (under torchrun: each process its LOCAL_RANK's GPU)."),
-    precision: str = typer.Option("fp32", help="fp32 | bf16 | fp16 (autocast; fp16 with a gradient scaler)."),
+    precision: str = typer.Option(
+        None,
+        help="fp32 | bf16 | fp16 (autocast; fp16 with a gradient scaler). Default fp32; on --resume, the run's own.",
+        show_default=False,
+    ),
     nproc: int = typer.Option(None, help="Train on N processes of this machine (GPUs, or CPU with gloo) through torchrun."),
     keep_checkpoints: int = typer.Option(
         0, help="Keep the model of the last N saves under OUT/checkpoints/ (for llmcli average)."

@@ -109,7 +109,9 @@ class TrainOptions:
     patience: int | None = None  # early stopping after this many validations without improvement
     seed: int = 1
     device: str = "auto"
-    precision: Precision = "fp32"  # bf16 and fp16: autocast; fp16 with a gradient scaler
+    # bf16 and fp16: autocast; fp16 with a gradient scaler. None: fp32 for a new run, and on resume
+    # the run's own (a resume that silently changed it would not continue the run exactly).
+    precision: Precision | None = None
     keep_checkpoints: int = 0  # keep the model of the last N saves under checkpoints/
     # At the end, the mean of the last N saves' weights, kept as the model if it validates better
     # than the best single one. None: 5 where there is validation data, else 0 (nothing to decide by).
@@ -134,7 +136,8 @@ class TrainOptions:
         _check_choice("--task", self.task, Task)
         _check_choice("--tokenizer-kind", self.tokenizer_kind, TokenizerKind)
         _check_choice("--schedule", self.schedule, Schedule)
-        _check_choice("--precision", self.precision, Precision)
+        if self.precision is not None:
+            _check_choice("--precision", self.precision, Precision)
         if self.preset not in PRESETS:
             raise UserError(f"unknown --preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         if self.batch_tokens is not None and self.batch_tokens < 16:
@@ -603,7 +606,8 @@ def train(opts: TrainOptions, reporter: Reporter | None = None, resume: bool = F
     elif (out / STATE_DIR).exists():
         raise UserError(f"{out} already holds a training run; use --resume {out} to continue it, or another --out")
     else:
-        opts = dataclasses.replace(opts, accumulate=1 if opts.accumulate is None else opts.accumulate)
+        opts = dataclasses.replace(opts, accumulate=1 if opts.accumulate is None else opts.accumulate,
+                                   precision=opts.precision or "fp32")  # fmt: skip
     device = process_device(opts.device, world)
     check_precision(opts.precision, device)
     corpus = read_corpus(opts, "training")
@@ -653,7 +657,9 @@ def _resumed_options(opts: TrainOptions, saved: dict, world: World, log: Callabl
     out = Path(opts.out)
     stored = dict(saved["options"], out=str(out))
     for key in TrainOptions.RESUMABLE:
-        stored[key] = getattr(opts, key)
+        if key != "precision" or opts.precision is not None:
+            stored[key] = getattr(opts, key)
+    stored.setdefault("precision", "fp32")  # runs saved before precision was stored
     resumed = TrainOptions(**stored)
     resumed.accumulate = _resumed_accumulate(saved, opts.accumulate, world, out, log)
     done = saved["progress"]["step"]

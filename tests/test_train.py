@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from llmcli.cli import app
 from llmcli.data import make_batches
+from llmcli.device import cpu_has_bf16
 from llmcli.errors import UserError
 from llmcli.train import TrainOptions, learning_rate
 
@@ -25,12 +26,17 @@ def invoke(*args):
     return runner.invoke(app, list(args))
 
 
-def test_resume_is_bit_for_bit(number_corpus, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_is_bit_for_bit(number_corpus, tmp_path, precision):
+    if precision == "bf16" and not cpu_has_bf16():
+        pytest.skip("this CPU has no avx512_bf16 or amx_bf16")
     a, b = tmp_path / "A", tmp_path / "B"
     # Dropout is on (0.1 in TINY_CONFIG), so this also checks the RNG state is restored. Raising
     # --max-steps moves the default schedule's end (linear decays to it): inverse_sqrt does not depend on it.
-    assert invoke(*train_args(number_corpus, a, "--max-steps", "12", "--schedule", "inverse_sqrt")).exit_code == 0
-    assert invoke(*train_args(number_corpus, b, "--max-steps", "6", "--schedule", "inverse_sqrt")).exit_code == 0
+    # bf16 is autocast over fp32 master weights and AdamW state, all of which the save keeps exactly.
+    common = ("--schedule", "inverse_sqrt", "--precision", precision)
+    assert invoke(*train_args(number_corpus, a, "--max-steps", "12", *common)).exit_code == 0
+    assert invoke(*train_args(number_corpus, b, "--max-steps", "6", *common)).exit_code == 0
     resumed = invoke("train", "--task", "translate", "--resume", str(b), "--max-steps", "12", "--quiet")
     assert resumed.exit_code == 0, resumed.output
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
