@@ -120,6 +120,23 @@ def auto_precision(device: torch.device) -> str:
     return "fp32"
 
 
+def training_precision(device: torch.device) -> tuple[str, str]:
+    """The precision a new training run takes unless told, and why: bf16 autocast where the
+    device multiplies bf16 natively, as more steps in the same time buy a better model
+    (bench/README.md, "The training step"); fp32 elsewhere, where autocast would emulate it."""
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "this GPU has bfloat16"
+        return "fp32", "this GPU has no bfloat16"
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        flags = cpu_flags()
+        native = sorted(flags & {"avx512_bf16", "amx_bf16"})
+        if native:
+            return "bf16", f"this CPU has {' and '.join(native)}"
+        return "fp32", "this CPU has no avx512_bf16 or amx_bf16"
+    return "fp32", f"on {device.type}"
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """The inference precision to run, checked against this device (one line when it cannot)."""
     if precision not in INFERENCE_PRECISIONS:

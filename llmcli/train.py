@@ -54,7 +54,7 @@ from llmcli.data import (
     seq2seq_example,
     target_tokens,
 )
-from llmcli.device import check_precision, process_device
+from llmcli.device import check_precision, process_device, training_precision
 from llmcli.distributed import World, all_reduce_sum, broadcast_from_main, join, leave, world_from_env
 from llmcli.errors import UserError
 from llmcli.io import atomic_write, read_lines, remove_directory, replace_directory, temporary_directory, warn
@@ -109,8 +109,9 @@ class TrainOptions:
     patience: int | None = None  # early stopping after this many validations without improvement
     seed: int = 1
     device: str = "auto"
-    # bf16 and fp16: autocast; fp16 with a gradient scaler. None: fp32 for a new run, and on resume
-    # the run's own (a resume that silently changed it would not continue the run exactly).
+    # bf16 and fp16: autocast; fp16 with a gradient scaler. None: for a new run, bf16 where the device
+    # multiplies it natively, else fp32 (device.training_precision); on resume, the run's own (a
+    # resume that silently changed it would not continue the run exactly).
     precision: Precision | None = None
     keep_checkpoints: int = 0  # keep the model of the last N saves under checkpoints/
     # At the end, the mean of the last N saves' weights, kept as the model if it validates better
@@ -606,10 +607,10 @@ def train(opts: TrainOptions, reporter: Reporter | None = None, resume: bool = F
     elif (out / STATE_DIR).exists():
         raise UserError(f"{out} already holds a training run; use --resume {out} to continue it, or another --out")
     else:
-        opts = dataclasses.replace(opts, accumulate=1 if opts.accumulate is None else opts.accumulate,
-                                   precision=opts.precision or "fp32")  # fmt: skip
+        opts = dataclasses.replace(opts, accumulate=1 if opts.accumulate is None else opts.accumulate)
     device = process_device(opts.device, world)
-    check_precision(opts.precision, device)
+    if opts.precision is not None:  # else chosen below, for this device
+        check_precision(opts.precision, device)
     corpus = read_corpus(opts, "training")
     valid_corpus = read_corpus(opts, "validation")
     if saved is None:
@@ -647,8 +648,11 @@ def _chosen_defaults(opts: TrainOptions, device: torch.device, log: Callable[[st
     if opts.batch_tokens is None:
         chosen["batch_tokens"] = DEFAULT_BATCH_TOKENS.get(device.type, 4096)
         why.append(f"batches of {chosen['batch_tokens']} tokens ({device.type})")
+    if opts.precision is None:
+        chosen["precision"], reason = training_precision(device)
+        why.append(f"{chosen['precision']}{' autocast' if chosen['precision'] != 'fp32' else ''} ({reason})")
     if why:
-        log("chose " + ", ".join(why) + " (--lr, --batch-tokens to choose)")
+        log("chose " + ", ".join(why) + " (--lr, --batch-tokens, --precision to choose)")
     return dataclasses.replace(opts, **chosen)
 
 

@@ -44,6 +44,21 @@ def test_resume_is_bit_for_bit(number_corpus, tmp_path, precision):
     assert state["progress"]["step"] == 12
 
 
+@pytest.mark.parametrize("flags, chosen", [({"avx512f", "avx512_bf16"}, "bf16"), ({"amx_bf16"}, "bf16"), ({"avx2"}, "fp32")])
+def test_precision_left_unset_is_bf16_where_the_cpu_has_it(number_corpus, tmp_path, monkeypatch, flags, chosen):
+    monkeypatch.setattr("llmcli.device.cpu_flags", lambda: flags)
+    out = tmp_path / "m"
+    args = [a for a in train_args(number_corpus, out, "--max-steps", "2", "--device", "cpu") if a != "--quiet"]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert re.search(rf"\b{chosen}( autocast)? \(this CPU has", result.output), result.output
+    assert json.loads((out / "train_state" / "state.json").read_text())["options"]["precision"] == chosen
+    # the run's choice is kept on resume, on any machine
+    monkeypatch.setattr("llmcli.device.cpu_flags", lambda: {"avx2"} if chosen == "bf16" else {"avx512_bf16"})
+    assert invoke("train", "--task", "translate", "--resume", str(out), "--max-steps", "3", "--quiet").exit_code == 0
+    assert json.loads((out / "train_state" / "state.json").read_text())["options"]["precision"] == chosen
+
+
 def test_resume_of_finished_run_says_what_to_do(number_corpus, tmp_path):
     out = tmp_path / "m"
     assert invoke(*train_args(number_corpus, out, "--max-steps", "2")).exit_code == 0
