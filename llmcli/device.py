@@ -163,7 +163,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def precision_facts(device: torch.device | None = None) -> dict:
-    """For `llmcli info`: the CPU, its flags that matter to the precisions, and what auto picks."""
+    """For `llmcli info`: the CPU, its flags that matter to the precisions, what auto picks and
+    what training picks."""
     device = device or torch.device("cpu")
     flags = cpu_flags()
     return {
@@ -171,4 +172,5 @@ def precision_facts(device: torch.device | None = None) -> dict:
         "cpu flags": [f for f in CPU_FLAGS if f in flags] or ["none of " + " ".join(CPU_FLAGS)],
         "torch cpu": torch.backends.cpu.get_cpu_capability(),
         "precision auto": auto_precision(device),
+        "train in": training_precision(device)[0],  # what `llmcli train` picks without --precision
     }

@@ -180,8 +180,10 @@ def test_info_shows_flags_and_auto(llama, monkeypatch):
     facts = {line[:14].strip(): line[14:].strip() for line in result.stdout.splitlines()}  # "key           value"
     assert facts["cpu flags"] == "avx512f, avx512_bf16, avx512_vnni"
     assert facts["precision auto"] == ("int8" if device.FBGEMM_INT8 else "bf16")
+    assert facts["train in"] == "bf16"
     monkeypatch.setattr(device, "cpu_flags", lambda: set())
-    assert run("info", "-m", llama[0], "--json").stdout.count('"precision auto": "fp32"') == 1
+    shown = run("info", "-m", llama[0], "--json").stdout
+    assert shown.count('"precision auto": "fp32"') == 1 and shown.count('"train in": "fp32"') == 1
 
 
 @pytest.mark.parametrize(
