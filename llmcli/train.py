@@ -110,8 +110,8 @@ class TrainOptions:
     seed: int = 1
     device: str = "auto"
     # bf16 and fp16: autocast; fp16 with a gradient scaler. None: for a new run, bf16 where the device
-    # multiplies it natively, else fp32 (device.training_precision); on resume, the run's own (a
-    # resume that silently changed it would not continue the run exactly).
+    # multiplies it natively and d_model is 256 or more, else fp32 (device.training_precision); on
+    # resume, the run's own (a resume that silently changed it would not continue the run exactly).
     precision: Precision | None = None
     keep_checkpoints: int = 0  # keep the model of the last N saves under checkpoints/
     # At the end, the mean of the last N saves' weights, kept as the model if it validates better
@@ -649,7 +649,8 @@ def _chosen_defaults(opts: TrainOptions, device: torch.device, log: Callable[[st
         chosen["batch_tokens"] = DEFAULT_BATCH_TOKENS.get(device.type, 4096)
         why.append(f"batches of {chosen['batch_tokens']} tokens ({device.type})")
     if opts.precision is None:
-        chosen["precision"], reason = training_precision(device)
+        d_model = (opts.config_overrides or {}).get("d_model", PRESETS[opts.preset]["d_model"])
+        chosen["precision"], reason = training_precision(device, d_model if isinstance(d_model, int) else 0)
         why.append(f"{chosen['precision']}{' autocast' if chosen['precision'] != 'fp32' else ''} ({reason})")
     if why:
         log("chose " + ", ".join(why) + " (--lr, --batch-tokens, --precision to choose)")

@@ -44,14 +44,19 @@ def test_resume_is_bit_for_bit(number_corpus, tmp_path, precision):
     assert state["progress"]["step"] == 12
 
 
-@pytest.mark.parametrize("flags, chosen", [({"avx512f", "avx512_bf16"}, "bf16"), ({"amx_bf16"}, "bf16"), ({"avx2"}, "fp32")])
-def test_precision_left_unset_is_bf16_where_the_cpu_has_it(number_corpus, tmp_path, monkeypatch, flags, chosen):
+@pytest.mark.parametrize(
+    "flags, d_model, chosen, why",
+    [({"avx512f", "avx512_bf16"}, 256, "bf16", "this CPU has avx512_bf16"), ({"amx_bf16"}, 512, "bf16", "this CPU has amx_bf16"),
+     ({"avx2"}, 256, "fp32", "this CPU has no avx512_bf16"), ({"avx512_bf16"}, 128, "fp32", "d_model 128: below 256")],
+)  # fmt: skip
+def test_precision_left_unset_is_bf16_where_the_cpu_has_it(number_corpus, tmp_path, monkeypatch, flags, d_model, chosen, why):
     monkeypatch.setattr("llmcli.device.cpu_flags", lambda: flags)
     out = tmp_path / "m"
-    args = [a for a in train_args(number_corpus, out, "--max-steps", "2", "--device", "cpu") if a != "--quiet"]
+    args = [a for a in train_args(number_corpus, out, "--max-steps", "2", "--device", "cpu", "--set", f"d_model={d_model}")
+            if a != "--quiet"]  # fmt: skip
     result = invoke(*args)
     assert result.exit_code == 0, result.output
-    assert re.search(rf"\b{chosen}( autocast)? \(this CPU has", result.output), result.output
+    assert f"chose {chosen}{' autocast' if chosen == 'bf16' else ''} ({why}" in result.output
     assert json.loads((out / "train_state" / "state.json").read_text())["options"]["precision"] == chosen
     # the run's choice is kept on resume, on any machine
     monkeypatch.setattr("llmcli.device.cpu_flags", lambda: {"avx2"} if chosen == "bf16" else {"avx512_bf16"})
