@@ -182,7 +182,7 @@ def train(
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (under torchrun: each process its LOCAL_RANK's GPU)."),
     precision: str = typer.Option(
         None,
-        help="fp32 | bf16 | fp16 (autocast; fp16 with a gradient scaler). Default: bf16 where the CPU (avx512_bf16, amx_bf16) or GPU has it, else fp32; on --resume, the run's own.",
+        help="fp32 | bf16 | fp16 (autocast; fp16 with a gradient scaler). Default: bf16 where the GPU has it, or the CPU has avx512_bf16 or amx_bf16 and d_model is 256 or more; else fp32; on --resume, the run's own.",
         show_default=False,
     ),
     nproc: int = typer.Option(None, help="Train on N processes of this machine (GPUs, or CPU with gloo) through torchrun."),

@@ -135,12 +135,12 @@ def training_precision(device: torch.device, d_model: int) -> tuple[str, str]:
             return "bf16", "this GPU has bfloat16"
         return "fp32", "this GPU has no bfloat16"
     if device.type == "cpu" and torch.backends.mkldnn.is_available():
-        native = sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"})
-        if not native:
+        flags = cpu_flags()
+        if not cpu_has_bf16(flags):
             return "fp32", "this CPU has no avx512_bf16 or amx_bf16"
         if d_model < BF16_TRAINING_MIN_D_MODEL:
             return "fp32", f"d_model {d_model}: below {BF16_TRAINING_MIN_D_MODEL} a CPU's bf16 autocast is no faster"
-        return "bf16", f"this CPU has {' and '.join(native)}"
+        return "bf16", f"this CPU has {' and '.join(f for f in ('amx_bf16', 'avx512_bf16') if f in flags)}"
     return "fp32", f"on {device.type}"
 
 
