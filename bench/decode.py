@@ -222,8 +222,14 @@ def main() -> None:
         default=1,
         help="threads per system (default 1: on a shared machine more threads oversubscribe and time noise)",
     )
+    p.add_argument("--malloc-default", action="store_true",
+                   help="leave glibc's malloc as it is; by default the process keeps freed memory for reuse, as llmcli's "
+                        "commands do (llmcli.device.reuse_freed_memory): it applies to every system here")  # fmt: skip
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    from llmcli.device import reuse_freed_memory
+
+    reused = False if args.malloc_default else reuse_freed_memory()
     from llmcli import fast
     from llmcli.convert import convert_weights
 
@@ -237,7 +243,7 @@ def main() -> None:
     info = machine()
     print(f"# {info['cpu']}; flags: {' '.join(info['flags']) or '-'}; torch {info['torch']} "
           f"(cpu capability {info['torch_cpu_capability']}); {args.threads} thread(s); best of {args.repeat} "
-          f"after a warm-up; llmcli int8 kernel: {fast.INT8_KERNEL}", flush=True)  # fmt: skip
+          f"after a warm-up; llmcli int8 kernel: {fast.INT8_KERNEL}; freed memory kept for reuse: {'yes' if reused else 'no'}", flush=True)  # fmt: skip
     rows_out = []
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.families.split(","):

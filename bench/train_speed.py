@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from llmcli.config import preset
 from llmcli.data import IGNORE_INDEX, collate, make_batches, seq2seq_example
-from llmcli.device import precision_facts
+from llmcli.device import precision_facts, reuse_freed_memory
 from llmcli.model import Transformer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
@@ -115,13 +115,17 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=8000)
     parser.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16 (autocast, as llmcli train)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--malloc-default", action="store_true",
+                        help="leave glibc's malloc as it is; by default both models run as `llmcli train` does, with "
+                             "freed memory kept for reuse (llmcli.device.reuse_freed_memory)")  # fmt: skip
     args = parser.parse_args()
+    reused = False if args.malloc_default else reuse_freed_memory()
     precisions = [x.strip() for x in args.precision.split(",") if x.strip()]
     if bad := [x for x in precisions if x not in ("fp32", "bf16")]:
         parser.error(f"unknown precision(s) {', '.join(bad)}; use fp32 or bf16")
     facts = precision_facts()  # what `llmcli info` says of this CPU
     print(f"# {facts['cpu']}; flags: {' '.join(facts['cpu flags'])}; torch {torch.__version__} ({facts['torch cpu']}), "
-          f"{torch.get_num_threads()} threads")  # fmt: skip
+          f"{torch.get_num_threads()} threads; freed memory kept for reuse: {'yes' if reused else 'no'}")  # fmt: skip
     cfg = preset(args.preset, vocab_size=args.vocab, max_positions=256)
     data, source = batches(args.vocab, args.batch_tokens, args.steps + 1)
     n_params = sum(p.numel() for p in Transformer(cfg).parameters())

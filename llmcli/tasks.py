@@ -21,7 +21,7 @@ from llmcli import decoding, fast, hub, models
 from llmcli.cache import PAD_TOKEN
 from llmcli.checkpoint import LoadedModel, load_model
 from llmcli.data import IGNORE_INDEX, pad_rows
-from llmcli.device import resolve_precision
+from llmcli.device import resolve_precision, reuse_freed_memory
 from llmcli.errors import UserError
 from llmcli.io import warn
 from llmcli.qa_data import qa_source
@@ -149,6 +149,7 @@ def open_model(path: str, task: str | None = None, device: str = "cpu", precisio
             f"{path} is {'an' if loaded.config.architecture[0] in 'aeiou' else 'a'} {loaded.config.architecture} model; it runs {', '.join(allowed)}, not {task}"
         )
     fast.prepare(loaded.model, precision)
+    reuse_freed_memory()  # each decoding step makes and frees tensors of the same sizes
     return loaded
 
 

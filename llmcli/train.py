@@ -54,7 +54,7 @@ from llmcli.data import (
     seq2seq_example,
     target_tokens,
 )
-from llmcli.device import check_precision, process_device, training_precision
+from llmcli.device import check_precision, process_device, reuse_freed_memory, training_precision
 from llmcli.distributed import World, all_reduce_sum, broadcast_from_main, join, leave, world_from_env
 from llmcli.errors import UserError
 from llmcli.io import atomic_write, read_lines, remove_directory, replace_directory, temporary_directory, warn
@@ -619,6 +619,7 @@ def train(opts: TrainOptions, reporter: Reporter | None = None, resume: bool = F
     try:
         run = _setup(opts, saved, world, device, corpus, valid_corpus, reporter)
         run.started = started
+        reuse_freed_memory()  # each step makes and frees tensors of the same sizes
         result = _loop(run, reporter)
     except RuntimeError as e:  # torch.distributed's errors are RuntimeErrors
         if world.distributed and distributed.lost_peer(e):
