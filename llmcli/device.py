@@ -194,11 +194,12 @@ def precision_facts(device: torch.device | None = None) -> dict:
 # a training step many. Keeping blocks up to 64 MiB in the heap, and up to 1 GiB of free heap
 # before trimming it, ends those faults: marian-base int8, batch 32, beam 4, one AMD EPYC core,
 # 172,000 page faults and 0.3 s of kernel time a decode before, none after, 8% more tokens/s
-# (fp32 10%, greedy 6%); a small-preset training step 3-5% faster (bench/README.md). Blocks of 64 MiB and more
-# (weights) still come and go by mmap. What PyTorch's CPU tuning guide gets from swapping in
-# jemalloc or tcmalloc with LD_PRELOAD, without a preload or a dependency.
+# (fp32 10%, greedy 6%); a small-preset training step 3-5% faster (bench/README.md). Blocks of
+# 64 MiB and more (weights) still come and go by mmap. What PyTorch's CPU tuning guide gets from
+# swapping in jemalloc or tcmalloc with LD_PRELOAD, without a preload or a dependency.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters, from glibc's malloc.h
-_KEEP_BLOCKS_BELOW = (64 << 20, 32 << 20)  # glibc before 2.35 refuses more than 32 MiB (HEAP_MAX_SIZE / 2)
+# 2.36 takes 64 MiB; a glibc that caps the threshold at HEAP_MAX_SIZE / 2 refuses it and takes 32 MiB
+_KEEP_BLOCKS_BELOW = (64 << 20, 32 << 20)
 _TRIM_ABOVE = 1 << 30
 
 
