@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from llmcli.config import preset
 from llmcli.data import IGNORE_INDEX, collate, make_batches, seq2seq_example
 from llmcli.device import precision_facts, reuse_freed_memory
+from llmcli.fast import prepare_training, smoothed_cross_entropy
 from llmcli.model import Transformer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
@@ -67,7 +68,8 @@ def hf_marian(cfg):
 
 def ours_step(model, batch):
     logits = model(batch.tokens, batch.src, batch.src_mask)
-    return F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX, label_smoothing=0.1)
+    # the loss as llmcli train computes it
+    return smoothed_cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), 0.1, IGNORE_INDEX) / batch.n_target_tokens
 
 
 def hf_step(model, batch):
@@ -85,7 +87,7 @@ def autocast(precision: str):
 def measure(cfg, data, precision: str) -> dict[str, list[float]]:
     """Target tokens/s of each step, per contender, steps alternating between them."""
     torch.manual_seed(0)
-    contenders = {"llmcli": (Transformer(cfg), ours_step)}
+    contenders = {"llmcli": (prepare_training(Transformer(cfg)), ours_step)}  # as llmcli train builds it
     try:
         contenders["transformers"] = (hf_marian(cfg), hf_step)
     except ImportError:

@@ -38,9 +38,8 @@ from pathlib import Path
 from typing import Literal, Protocol, get_args
 
 import torch
-import torch.nn.functional as F
 
-from llmcli import checkpoint, distributed
+from llmcli import checkpoint, distributed, fast
 from llmcli.config import PRESETS, ModelConfig, preset
 from llmcli.data import (
     IGNORE_INDEX,
@@ -525,13 +524,7 @@ def _remove_leftovers(out: Path) -> None:
 def _loss(model: torch.nn.Module, batch: Batch, label_smoothing: float) -> tuple[torch.Tensor, int]:
     logits = model(batch.tokens, batch.src, batch.src_mask)
     V = logits.shape[-1]
-    loss = F.cross_entropy(
-        logits.reshape(-1, V).float(),
-        batch.labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        label_smoothing=label_smoothing,
-        reduction="sum",
-    )
+    loss = fast.smoothed_cross_entropy(logits.reshape(-1, V), batch.labels.reshape(-1), label_smoothing, IGNORE_INDEX)
     return loss, batch.n_target_tokens
 
 
@@ -724,7 +717,7 @@ def _setup(
         raise UserError("the training set is empty after tokenization")
     valid_examples = build_examples(valid_corpus, src_tok, tgt_tok, cfg, opts) if valid_corpus else []
     torch.manual_seed(opts.seed)
-    model = Transformer(cfg).to(device)
+    model = fast.prepare_training(Transformer(cfg).to(device))
     model.train()
     run = Run(
         opts=opts,

@@ -1,0 +1,107 @@
+"""Training's speed tricks (llmcli.fast.prepare_training, smoothed_cross_entropy) compute what
+the plain model and F.cross_entropy compute."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmcli.config import preset
+from llmcli.data import IGNORE_INDEX
+from llmcli.fast import TrainingAttention, TrainingDropout, prepare_training, smoothed_cross_entropy
+from llmcli.model import Transformer
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.3])
+def test_smoothed_cross_entropy_matches_torch(dtype, smoothing):
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(300, 517, generator=g) * 3).to(dtype).requires_grad_()
+    labels = torch.randint(0, 517, (300,), generator=g)
+    labels[::7] = IGNORE_INDEX
+    expected = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, label_smoothing=smoothing, reduction="sum")
+    (expected * 0.5).backward()
+    expected_grad, logits.grad = logits.grad, None
+    got = smoothed_cross_entropy(logits, labels, smoothing, IGNORE_INDEX)
+    (got * 0.5).backward()
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-3)
+    assert logits.grad.dtype == dtype
+    tolerance = {"rtol": 0, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 0, "atol": 4e-3}
+    torch.testing.assert_close(logits.grad.float(), expected_grad.float(), **tolerance)
+    assert logits.grad[::7].abs().max() == 0  # ignored rows get no gradient
+
+
+def test_smoothed_cross_entropy_all_ignored_is_zero():
+    logits = torch.randn(4, 10, requires_grad=True)
+    loss = smoothed_cross_entropy(logits, torch.full((4,), IGNORE_INDEX), 0.1, IGNORE_INDEX)
+    loss.backward()
+    assert loss.item() == 0 and logits.grad.abs().max() == 0
+
+
+def test_training_dropout_drops_p_of_every_position_and_rescales():
+    torch.manual_seed(0)
+    dropout = TrainingDropout(0.1)
+    x = torch.ones(1000, 1003)  # not a multiple of 4: the last word is cut
+    y = dropout(x)
+    dropped = y == 0
+    torch.testing.assert_close(y[~dropped], torch.full_like(y[~dropped], 1 / 0.9))
+    assert abs(dropped.float().mean().item() - 0.1) < 0.002
+    # each of the four 16-bit lanes of a 64-bit word drops at the same rate (an unbounded
+    # random_() would leave one lane's top bit 0 and that lane would never drop)
+    lanes = dropped.flatten()[: 1000 * 1000].view(-1, 4).float().mean(0)
+    assert (lanes - 0.1).abs().max() < 0.004
+
+
+def test_training_dropout_is_seeded_and_backpropagates_its_mask():
+    x = torch.randn(64, 33, requires_grad=True)
+    dropout = TrainingDropout(0.25)
+    torch.manual_seed(3)
+    a = dropout(x)
+    torch.manual_seed(3)
+    b = dropout(x)
+    assert torch.equal(a, b)
+    a.sum().backward()
+    keep = (a != 0).float()
+    torch.testing.assert_close(x.grad, keep / 0.75)
+    dropout.eval()
+    assert torch.equal(dropout(x), x)
+
+
+def test_prepare_training_keeps_the_model_and_its_state_dict():
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=64, max_positions=32))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prepare_training(model)
+    kinds = {type(m) for m in model.modules()}
+    assert TrainingAttention in kinds and TrainingDropout in kinds
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_training_attention_under_bf16_autocast_is_float32_sdpa():
+    """The same loss and gradients as the plain model under autocast, up to bf16 rounding; the
+    attention product itself runs in float32."""
+    torch.manual_seed(0)
+    cfg = preset("tiny", vocab_size=64, max_positions=32)
+    plain = Transformer(cfg).eval()
+    fast = prepare_training(Transformer(cfg)).eval()
+    fast.load_state_dict(plain.state_dict())
+    src = torch.randint(3, 64, (4, 9))
+    tokens = torch.randint(3, 64, (4, 7))
+    mask = torch.ones(4, 9, dtype=torch.bool)
+    mask[0, 6:] = False
+    seen = []
+    hook = lambda module, args, out: seen.append(args[0].dtype)  # noqa: E731
+    attention = next(m for m in fast.modules() if isinstance(m, TrainingAttention))
+    attention.o_proj.register_forward_hook(hook)
+    losses = []
+    for model in (plain, fast):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(tokens, src, mask)
+        loss = logits.float().logsumexp(-1).mean()
+        loss.backward()
+        losses.append((loss, [p.grad for p in model.parameters()]))
+    assert seen == [torch.float32]
+    torch.testing.assert_close(losses[1][0], losses[0][0], rtol=2e-2, atol=2e-2)
+    for a, b in zip(losses[0][1], losses[1][1], strict=True):
+        torch.testing.assert_close(b, a, rtol=0.1, atol=0.02)
