@@ -203,3 +203,25 @@ def test_auto_is_the_fastest_guarded_kind_of_the_cpu(flags, picked, monkeypatch)
     assert device.auto_precision(torch.device("cpu")) == picked
     monkeypatch.setattr(device, "FBGEMM_INT8", False)  # no fbgemm: int8 is weight-only, not picked
     assert device.auto_precision(torch.device("cpu")) != "int8"
+
+
+@pytest.mark.skipif(
+    not device.FBGEMM_INT8 or "onednn" not in torch.backends.quantized.supported_engines, reason="needs torch's onednn engine"
+)
+def test_int8_on_amx_tiles_close_to_fp32(llama, monkeypatch):
+    """A CPU with AMX-INT8 multiplies 16 rows and more through oneDNN's int8 (its tiles), fewer
+    through fbgemm; oneDNN's kernel runs (slower) on any x86 CPU, so both paths are checked here."""
+    monkeypatch.setattr(fast, "INT8_TILES", True)
+    base = convert_weights(llama[0])
+    prompts = torch.cat([PROMPTS, PROMPTS.flip(1)], 1)  # 3 rows x 10 positions: 30 rows a product
+    with torch.inference_mode():
+        reference = fast.prepare(copy.deepcopy(base)).step(prompts, base.new_cache(3))
+        model = fast.prepare(copy.deepcopy(base), "int8")
+        logits = model.step(prompts, model.new_cache(3))
+        one_row = _step_logits(model)  # 15 rows: fbgemm
+    assert _relative_error(logits, reference) < TOLERANCE["int8"]
+    assert _relative_error(one_row, _step_logits(fast.prepare(copy.deepcopy(base)))) < TOLERANCE["int8"]
+    packs = [m.__dict__["_int8"][2] for m in model.modules() if "_int8" in m.__dict__]
+    packs += [made[2][0] for m in model.modules() for made in m.__dict__.get("_fused", {}).values() if made[2] is not None]
+    int8 = [p for p in packs if isinstance(p, tuple) and p[0] == "fbgemm"]
+    assert int8 and all(p[3] is not None for p in int8)  # (kind, fbgemm's weight, scale, oneDNN's weight)
