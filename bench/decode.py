@@ -243,7 +243,7 @@ def main() -> None:
     info = machine()
     print(f"# {info['cpu']}; flags: {' '.join(info['flags']) or '-'}; torch {info['torch']} "
           f"(cpu capability {info['torch_cpu_capability']}); {args.threads} thread(s); best of {args.repeat} "
-          f"after a warm-up; llmcli int8 kernel: {fast.INT8_KERNEL}{f' (oneDNN on AMX tiles from {fast.INT8_TILES_MIN_ROWS} rows)' if fast.INT8_TILES else ''}; freed memory kept for reuse: {'yes' if reused else 'no'}", flush=True)  # fmt: skip
+          f"after a warm-up; llmcli int8 kernel: {fast.INT8_KERNEL}{f' (oneDNN on AMX tiles from {fast.INT8_TILES_MIN_ROWS} rows and {fast.INT8_TILES_MIN_WORK:,} multiply-adds a product)' if fast.INT8_TILES else ''}; freed memory kept for reuse: {'yes' if reused else 'no'}", flush=True)  # fmt: skip
     rows_out = []
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.families.split(","):

@@ -1,10 +1,11 @@
-"""Speed for inference, applied to a loaded model: `prepare(model)`.
+"""Speed beside the model: `prepare(model)` for inference on a loaded model; training's own below.
 
 The model (llmcli.model) is written to be read, with plain `nn.Linear` layers and PyTorch's
 SDPA; this module swaps in faster kernels for the same arithmetic, as torchao's
 `quantize_(model, config)` swaps layers after loading, so neither a reader of the model nor a
-new kernel has to know of the other. Training calls only `prepare_training` (its attention under
-a CPU's bf16 autocast), never `prepare`.
+new kernel has to know of the other. Training never calls `prepare`: it has its own speed
+tricks at the end of this module, `prepare_training` (attention and dropout) and
+`smoothed_cross_entropy` (the loss), each tested against the plain torch it replaces.
 
 - `PackedLinear`: in inference mode on the CPU in float32, linear layers multiply through
   oneDNN with the weight packed once into its blocked layout, the feed-forward activation
@@ -46,6 +47,7 @@ fused group in place of its layers' own.
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from collections.abc import Callable
 from typing import NamedTuple
@@ -137,7 +139,8 @@ def _packed_multiply(x, packed, bias, activation):
 def _int8_multiply(x, made, bias, activation):
     kind, packed, scale, tiles = made
     if kind == "fbgemm":
-        if tiles is not None and x.numel() >= INT8_TILES_MIN_ROWS * x.shape[-1]:
+        rows = x.numel() // x.shape[-1]
+        if tiles is not None and rows >= INT8_TILES_MIN_ROWS and x.numel() * scale.numel() >= INT8_TILES_MIN_WORK:
             packed = tiles
         # reduce_range: 7-bit activations, so that AVX2's 16-bit pair sums cannot
         # saturate (fbgemm's advice); VNNI sums in 32 bits and needs no such loss.
@@ -228,30 +231,41 @@ INT8_KERNEL = "fbgemm" if FBGEMM_INT8 else "weight-only"
 
 
 # On a CPU with AMX-INT8, torch's "onednn" quantized engine multiplies on the AMX tiles, which
-# fbgemm does not use: from INT8_TILES_MIN_ROWS rows up it is faster than fbgemm (one Xeon
-# thread, marian-base's shapes; 128 rows: 512 x 32,000 2.4 ms against 9.7, 512 -> 2048 0.24 against
-# 0.52), below it slower (one row: 42 us against 24). So such a CPU keeps both packed weights.
+# fbgemm does not use. oneDNN is faster from INT8_TILES_MIN_ROWS rows and INT8_TILES_MIN_WORK
+# multiply-adds (rows x inputs x outputs) up, fbgemm below: its cost per call is lower (one Xeon
+# thread, 7 shapes x 7 row counts, bench/README.md "int8 on AMX tiles"; the output layer's 4 or 8
+# rows are fbgemm's, although its work is large). So such a CPU keeps both packed weights, where
+# memory allows.
 INT8_TILES = FBGEMM_INT8 and "onednn" in torch.backends.quantized.supported_engines and "amx_int8" in cpu_flags()
 INT8_TILES_MIN_ROWS = 16
+INT8_TILES_MIN_WORK = 2**24
+_engine_lock = threading.Lock()  # the quantized engine is process-wide state, switched while packing
 
 
 def _int8_pack(weight: torch.Tensor) -> tuple[str, object, torch.Tensor, object | None]:
+    """(kind, packed weight, per-channel scale, oneDNN's packed weight or None)."""
     w = weight.detach().float()
     scale = (w.abs().amax(1) / 127).clamp(min=1e-12)  # (N,) per output channel, symmetric
     if INT8_KERNEL == "weight-only":
         return "weight-only", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale.to(torch.bfloat16), None
-    engine = torch.backends.quantized.engine
-    try:
-        with warnings.catch_warnings():  # torch deprecates quantized tensors: the fallback above is ready
-            warnings.simplefilter("ignore", UserWarning)
-            qweight = torch.quantize_per_channel(w, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
-        packed = {}
-        for name in ("fbgemm", "onednn") if INT8_TILES else ("fbgemm",):
-            torch.backends.quantized.engine = name
-            packed[name] = torch.ops.quantized.linear_prepack(qweight, None)  # bias: added by forward, it may change
-        return "fbgemm", packed["fbgemm"], scale, packed.get("onednn")
-    finally:
-        torch.backends.quantized.engine = engine
+    with warnings.catch_warnings():  # torch deprecates quantized tensors: the fallback above is ready
+        warnings.simplefilter("ignore", UserWarning)
+        qweight = torch.quantize_per_channel(w, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
+    with _engine_lock:
+        engine = torch.backends.quantized.engine
+        try:
+            torch.backends.quantized.engine = "fbgemm"
+            packed = torch.ops.quantized.linear_prepack(qweight, None)  # bias: added by forward, it may change
+            tiles = None
+            if INT8_TILES and _memory_allows(w.numel()):
+                try:
+                    torch.backends.quantized.engine = "onednn"
+                    tiles = torch.ops.quantized.linear_prepack(qweight, None)
+                except (RuntimeError, NotImplementedError):  # fbgemm's pack alone still serves
+                    tiles = None
+        finally:
+            torch.backends.quantized.engine = engine
+    return "fbgemm", packed, scale, tiles
 
 
 class Int4Linear(PackedLinear):
@@ -391,7 +405,8 @@ class TrainingAttention(Attention):
     around it keep autocast's bfloat16."""
 
     def attend(self, q, k, v, mask, is_causal):
-        if q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled():
+        # with grad only: the backward is what is slow, so validation keeps bf16
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_autocast_enabled("cpu") and torch.is_grad_enabled():
             with torch.autocast("cpu", enabled=False):
                 return super().attend(q.float(), k.float(), v.float(), mask, is_causal)
         return super().attend(q, k, v, mask, is_causal)
@@ -401,17 +416,19 @@ class TrainingDropout(nn.Dropout):
     """nn.Dropout whose mask, on a CPU, compares 16 random bits per element with the drop
     probability, the bits drawn 64 at a time from torch's generator (so seeds and resumes hold).
     Why: torch's CPU `bernoulli_` costs about 5.5 ns an element (3.0 ms for 80 x 26 x 256, two
-    Xeon threads), and dropout was 14% of a bf16 training step; this mask costs about a third.
-    The probability is rounded to a multiple of 1/65536 (0.1 drops 0.100006 of the elements)."""
+    Xeon threads), and dropout was 10% of a bf16 training step; this mask costs about a third.
+    The probability is rounded to a multiple of 1/65536 (0.1 drops 0.100006 of the elements),
+    and the kept elements scaled for the rounded one; a p that rounds to 0 or 1 is nn.Dropout's."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or x.device.type != "cpu" or not 0 < self.p < 1:
+        dropped = round(self.p * 65536)  # of 65536
+        if not self.training or x.device.type != "cpu" or not 0 < dropped < 65536:
             return super().forward(x)
         n = x.numel()
         # the whole int64 range: random_() without bounds leaves the top bit 0
         words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1)
         bits = words.view(torch.int16)[:n].view(x.shape)
-        keep = (bits >= round(self.p * 65536) - 32768).to(x.dtype).mul_(1 / (1 - self.p))
+        keep = (bits >= dropped - 32768).to(x.dtype).mul_(65536 / (65536 - dropped))
         return x.mul_(keep) if self.inplace else x * keep
 
 
@@ -436,24 +453,28 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
         loss = torch.logsumexp(x, -1) - (1 - smoothing) * x.gather(1, target).squeeze(1) - smoothing * x.mean(-1)
         ctx.save_for_backward(logits, target, valid)
         ctx.smoothing = smoothing
-        return (loss * valid).sum()
+        return torch.where(valid, loss, 0.0).sum()  # not loss * valid: an ignored row may hold inf
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         logits, target, valid = ctx.saved_tensors
         s, V = ctx.smoothing, logits.shape[-1]
         w = (grad * valid)[:, None].float()
         g = torch.softmax(logits, -1, dtype=torch.float32)
         torch.addcmul(w * (-s / V), g, w, out=g)  # (p - s / V) * w, in place
+        ignored = (~valid).nonzero().squeeze(1)  # few rows (padding): zeroed, not multiplied, as they may be NaN
+        if ignored.numel():
+            g.index_fill_(0, ignored, 0.0)
         g.scatter_add_(1, target, w * -(1 - s))
         return g.to(logits.dtype), None, None, None
 
 
 def smoothed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, smoothing: float, ignore_index: int) -> torch.Tensor:
     """F.cross_entropy(logits.float(), labels, label_smoothing=smoothing, ignore_index=ignore_index,
-    reduction="sum") for (N, V) logits, in float32 whatever the logits' dtype, with a backward of
-    one softmax and two passes in place. Why: torch's backward makes the smoothed and the one-hot
-    gradients over (N, V) apart and adds them (log_softmax backward, fill, add, copy), about 20%
+    reduction="sum") for (N, V) logits, computed in float32 (float64 logits too), with a backward
+    of one softmax and two passes in place. Why: torch's backward makes the smoothed and the one-hot
+    gradients over (N, V) apart and adds them (log_softmax backward, fill, add, copy), 16%
     of a bf16 training step at Multi30k's shape (2,000 x 4,000); this costs a third of that."""
     return _SmoothedCrossEntropy.apply(logits, labels, smoothing, ignore_index)
 

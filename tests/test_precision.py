@@ -208,20 +208,37 @@ def test_auto_is_the_fastest_guarded_kind_of_the_cpu(flags, picked, monkeypatch)
 @pytest.mark.skipif(
     not device.FBGEMM_INT8 or "onednn" not in torch.backends.quantized.supported_engines, reason="needs torch's onednn engine"
 )
-def test_int8_on_amx_tiles_close_to_fp32(llama, monkeypatch):
-    """A CPU with AMX-INT8 multiplies 16 rows and more through oneDNN's int8 (its tiles), fewer
-    through fbgemm; oneDNN's kernel runs (slower) on any x86 CPU, so both paths are checked here."""
+def test_int8_routes_large_products_to_amx_tiles_and_small_to_fbgemm(monkeypatch):
+    """A CPU with AMX-INT8 multiplies through oneDNN's int8 (its tiles) from INT8_TILES_MIN_ROWS
+    rows and INT8_TILES_MIN_WORK multiply-adds up, through fbgemm below; oneDNN's kernel runs (slower) on any x86 CPU, so
+    both are checked here. The pack that must not be used is None: using it would raise."""
     monkeypatch.setattr(fast, "INT8_TILES", True)
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(96, 64, generator=g)
+    kind, fbgemm, scale, tiles = fast._int8_pack(weight)
+    assert kind == "fbgemm" and tiles is not None
+    monkeypatch.setattr(fast, "INT8_TILES_MIN_WORK", 16 * 64 * 96)
+    large, small = torch.randn(16, 64, generator=g), torch.randn(15, 64, generator=g)
+    for x, made in ((large, (kind, None, scale, tiles)), (small, (kind, fbgemm, scale, None))):
+        got = fast._int8_multiply(x, made, None, None)
+        assert _relative_error(got, x @ weight.T) < TOLERANCE["int8"]
+    with pytest.raises((RuntimeError, TypeError)):  # small products never take the tiles: a missing pack is noticed
+        fast._int8_multiply(small, (kind, None, scale, tiles), None, None)
+
+
+@pytest.mark.skipif(
+    not device.FBGEMM_INT8 or "onednn" not in torch.backends.quantized.supported_engines, reason="needs torch's onednn engine"
+)
+def test_int8_on_amx_tiles_close_to_fp32(llama, monkeypatch):
+    """A whole model with both packs, its products on either side of the threshold."""
+    monkeypatch.setattr(fast, "INT8_TILES", True)
+    monkeypatch.setattr(fast, "INT8_TILES_MIN_WORK", 16 * 64 * 64)
     base = convert_weights(llama[0])
     prompts = torch.cat([PROMPTS, PROMPTS.flip(1)], 1)  # 3 rows x 10 positions: 30 rows a product
     with torch.inference_mode():
         reference = fast.prepare(copy.deepcopy(base)).step(prompts, base.new_cache(3))
         model = fast.prepare(copy.deepcopy(base), "int8")
         logits = model.step(prompts, model.new_cache(3))
-        one_row = _step_logits(model)  # 15 rows: fbgemm
+        few_rows = _step_logits(model)
     assert _relative_error(logits, reference) < TOLERANCE["int8"]
-    assert _relative_error(one_row, _step_logits(fast.prepare(copy.deepcopy(base)))) < TOLERANCE["int8"]
-    packs = [m.__dict__["_int8"][2] for m in model.modules() if "_int8" in m.__dict__]
-    packs += [made[2][0] for m in model.modules() for made in m.__dict__.get("_fused", {}).values() if made[2] is not None]
-    int8 = [p for p in packs if isinstance(p, tuple) and p[0] == "fbgemm"]
-    assert int8 and all(p[3] is not None for p in int8)  # (kind, fbgemm's weight, scale, oneDNN's weight)
+    assert _relative_error(few_rows, _step_logits(fast.prepare(copy.deepcopy(base)))) < TOLERANCE["int8"]

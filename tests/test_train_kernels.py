@@ -44,12 +44,42 @@ def test_training_dropout_drops_p_of_every_position_and_rescales():
     x = torch.ones(1000, 1003)  # not a multiple of 4: the last word is cut
     y = dropout(x)
     dropped = y == 0
-    torch.testing.assert_close(y[~dropped], torch.full_like(y[~dropped], 1 / 0.9))
+    kept_scale = 65536 / (65536 - round(0.1 * 65536))  # for p as rounded, so E[y] = x exactly
+    torch.testing.assert_close(y[~dropped], torch.full_like(y[~dropped], kept_scale))
     assert abs(dropped.float().mean().item() - 0.1) < 0.002
     # each of the four 16-bit lanes of a 64-bit word drops at the same rate (an unbounded
     # random_() would leave one lane's top bit 0 and that lane would never drop)
     lanes = dropped.flatten()[: 1000 * 1000].view(-1, 4).float().mean(0)
     assert (lanes - 0.1).abs().max() < 0.004
+
+
+@pytest.mark.parametrize("p", [1e-6, 0.999995, 1.0])
+def test_training_dropout_leaves_p_that_round_to_0_or_1_to_nn_dropout(p):
+    x = torch.ones(1000, 100)
+    torch.manual_seed(0)
+    expected = torch.nn.Dropout(p)(x)
+    torch.manual_seed(0)
+    assert torch.equal(TrainingDropout(p)(x), expected)
+
+
+def test_training_dropout_in_place():
+    x = torch.ones(100, 50)
+    torch.manual_seed(1)
+    y = TrainingDropout(0.5, inplace=True)(x)
+    assert y.data_ptr() == x.data_ptr() and set(x.unique().tolist()) == {0.0, 2.0}
+
+
+def test_smoothed_cross_entropy_ignores_non_finite_logits_of_ignored_rows():
+    """fp16 autocast may overflow a padding row's logits: F.cross_entropy never reads them."""
+    logits = torch.randn(5, 11)
+    logits[1, 3], logits[3] = float("inf"), float("nan")
+    labels = torch.tensor([2, IGNORE_INDEX, 7, IGNORE_INDEX, 0])
+    logits.requires_grad_()
+    loss = smoothed_cross_entropy(logits, labels, 0.1, IGNORE_INDEX)
+    loss.backward()
+    expected = F.cross_entropy(logits.detach()[[0, 2, 4]], labels[[0, 2, 4]], label_smoothing=0.1, reduction="sum")
+    torch.testing.assert_close(loss, expected)
+    assert torch.isfinite(logits.grad).all() and logits.grad[[1, 3]].abs().max() == 0
 
 
 def test_training_dropout_is_seeded_and_backpropagates_its_mask():
@@ -105,3 +135,14 @@ def test_training_attention_under_bf16_autocast_is_float32_sdpa():
     torch.testing.assert_close(losses[1][0], losses[0][0], rtol=2e-2, atol=2e-2)
     for a, b in zip(losses[0][1], losses[1][1], strict=True):
         torch.testing.assert_close(b, a, rtol=0.1, atol=0.02)
+
+
+def test_training_attention_with_bf16_parameters_and_no_autocast_stays_bf16():
+    torch.manual_seed(0)
+    model = prepare_training(Transformer(preset("tiny", vocab_size=64, max_positions=32))).to(torch.bfloat16)
+    attention = next(m for m in model.modules() if isinstance(m, TrainingAttention))
+    seen = []
+    attention.o_proj.register_forward_hook(lambda module, args, out: seen.append(args[0].dtype))
+    src, tokens = torch.randint(3, 64, (2, 9)), torch.randint(3, 64, (2, 7))
+    model(tokens, src, torch.ones(2, 9, dtype=torch.bool)).float().sum().backward()
+    assert seen == [torch.bfloat16]
