@@ -43,8 +43,9 @@ def test_decoding_loop_stops_faulting_after_its_first_run():
     assert out[0] == "True"
     first, *later = map(int, out[1].split())
     assert first > 1000  # the first run takes its memory from the kernel, as any would
-    # Measured with it: 3-1,100 faults in runs 2-8 together; without: 37,000-88,000.
-    assert sum(later) < 5000, f"page faults after the first run: {later}"
+    # Runs 2-8 together, measured with it: 3-5,400 faults (a run or two after the first may still
+    # grow the heap to its high-water mark); without: 14,000-92,000 (Xeon), 37,000-88,000 (EPYC).
+    assert sum(later) < 10000, f"page faults after the first run: {later}"
 
 
 def test_elsewhere_it_says_it_did_nothing(monkeypatch):
