@@ -1,7 +1,7 @@
 """int8 products on a CPU: fbgemm against oneDNN (which multiplies on AMX-INT8 tiles where the CPU
 has them), by shape and rows, through torch's `quantized::linear_dynamic` as llmcli.fast calls it.
 Prints, for each point, both times, the faster kernel and the one llmcli's rule picks
-(`fast.INT8_TILES_MIN_ROWS` rows and `fast.INT8_TILES_MIN_WORK` multiply-adds), so a new CPU kind
+(`fast.tiles_are_faster`), so a new CPU kind
 shows at once whether the rule holds there.
 
     python bench/int8_tiles.py                 # one thread, marian-base's and SmolLM-135M's shapes
@@ -71,7 +71,7 @@ def main() -> None:
             x = torch.randn(rows, k)
             times = {engine: microseconds(x, packed) for engine, packed in packs.items()}
             faster = min(times, key=times.get)
-            rule = "onednn" if rows >= fast.INT8_TILES_MIN_ROWS and rows * k * n >= fast.INT8_TILES_MIN_WORK else "fbgemm"
+            rule = "onednn" if fast.tiles_are_faster(rows, k, n) else "fbgemm"
             points.append({"inputs": k, "outputs": n, "rows": rows, "us": times, "faster": faster, "rule": rule})
             print(f"{k:>6} {n:>7} {rows:>4} {times['fbgemm']:>9.0f} {times['onednn']:>9.0f}  {faster:<6}  {rule}", flush=True)
     if args.json:

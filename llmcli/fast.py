@@ -139,8 +139,7 @@ def _packed_multiply(x, packed, bias, activation):
 def _int8_multiply(x, made, bias, activation):
     kind, packed, scale, tiles = made
     if kind == "fbgemm":
-        rows = x.numel() // x.shape[-1]
-        if tiles is not None and rows >= INT8_TILES_MIN_ROWS and x.numel() * scale.numel() >= INT8_TILES_MIN_WORK:
+        if tiles is not None and tiles_are_faster(x.numel() // x.shape[-1], x.shape[-1], scale.numel()):
             packed = tiles
         # reduce_range: 7-bit activations, so that AVX2's 16-bit pair sums cannot
         # saturate (fbgemm's advice); VNNI sums in 32 bits and needs no such loss.
@@ -242,6 +241,11 @@ INT8_TILES_MIN_WORK = 2**24
 _engine_lock = threading.Lock()  # the quantized engine is process-wide state, switched while packing
 
 
+def tiles_are_faster(rows: int, inputs: int, outputs: int) -> bool:
+    """Whether an int8 product of this shape runs faster through oneDNN (AMX tiles) than fbgemm."""
+    return rows >= INT8_TILES_MIN_ROWS and rows * inputs * outputs >= INT8_TILES_MIN_WORK
+
+
 def _int8_pack(weight: torch.Tensor) -> tuple[str, object, torch.Tensor, object | None]:
     """(kind, packed weight, per-channel scale, oneDNN's packed weight or None)."""
     w = weight.detach().float()
@@ -262,7 +266,7 @@ def _int8_pack(weight: torch.Tensor) -> tuple[str, object, torch.Tensor, object 
                     torch.backends.quantized.engine = "onednn"
                     tiles = torch.ops.quantized.linear_prepack(qweight, None)
                 except (RuntimeError, NotImplementedError):  # fbgemm's pack alone still serves
-                    tiles = None
+                    pass
         finally:
             torch.backends.quantized.engine = engine
     return "fbgemm", packed, scale, tiles
