@@ -1,7 +1,7 @@
 """Training throughput: llmcli's model vs Hugging Face's MarianMTModel of the same shape.
 
 Both train on the same token batches (real Multi30k sentences when ../shared/data is present,
-random tokens of Multi30k-like lengths otherwise) with the same AdamW; steps alternate between
+random tokens of Multi30k-like lengths otherwise) with the same fused AdamW; steps alternate between
 the two so machine noise hits both alike. Reports target tokens/s and the ratio.
 
     python bench/train_speed.py                 # transformer-base, 6 timed steps each
@@ -92,7 +92,8 @@ def measure(cfg, data, precision: str) -> dict[str, list[float]]:
         contenders["transformers"] = (hf_marian(cfg), hf_step)
     except ImportError:
         print("transformers is not installed: measuring llmcli alone")
-    optimizers = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, foreach=True) for k, (m, _) in contenders.items()}
+    # fused, as both trainers use it (llmcli train; transformers' Trainer from torch 2.8, adamw_torch_fused)
+    optimizers = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for k, (m, _) in contenders.items()}
     rates: dict[str, list[float]] = {k: [] for k in contenders}
     for i, batch in enumerate(data):
         for name, (model, step) in contenders.items():

@@ -402,18 +402,18 @@ class OneQueryAttention(Attention):
 
 
 class TrainingAttention(Attention):
-    """Attention whose product runs in float32 when a CPU trains under bf16 autocast. Why: torch's
-    CPU SDPA backward is 4x slower in bfloat16 than in float32 at training shapes (80 x 4 heads x
-    26 tokens x 64, two Xeon threads: 15.3 ms against 3.6 ms forward and backward; the forward pass
-    alone costs the same in both), and it was a quarter of a bf16 training step. The linear layers
-    around it keep autocast's bfloat16."""
+    """Attention that, while a CPU trains under bf16 autocast, writes the product out (two batched
+    bf16 matmuls around a float32 softmax, `Attention.attend_written_out`) instead of calling SDPA.
+    Why: torch's CPU SDPA kernel is slow at training shapes, and slower still in bfloat16. Forward
+    and backward of 80 x 4 heads x 26 tokens x 64 with a padding mask, two threads: SDPA 15.3 ms
+    in bf16 against 3.6 in float32 on an Intel Xeon (AMX), 13.3 against 6.3 on an AMD EPYC
+    (Zen 4); written out in bf16 2.6 ms on the AMD EPYC. SDPA was a quarter of a bf16 step."""
 
-    def attend(self, q, k, v, mask, is_causal):
-        # with grad only: the backward is what is slow, so validation keeps bf16
-        if q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_autocast_enabled("cpu") and torch.is_grad_enabled():
-            with torch.autocast("cpu", enabled=False):
-                return super().attend(q.float(), k.float(), v.float(), mask, is_causal)
-        return super().attend(q, k, v, mask, is_causal)
+    def writes_product_out(self, q: torch.Tensor) -> bool:
+        # with grad only: the backward is what is slow, so validation keeps SDPA
+        return (
+            q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_autocast_enabled("cpu") and torch.is_grad_enabled()
+        )
 
 
 class TrainingDropout(nn.Dropout):

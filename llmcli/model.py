@@ -280,8 +280,8 @@ class Attention(nn.Module):
         if self.n_kv_heads != self.n_heads:
             repeat = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        if self.softcap is not None:  # SDPA has no soft-capping: the product written out, as transformers' eager path
-            return self._attend_softcapped(q, k, v, mask, is_causal)
+        if self.softcap is not None or self.writes_product_out(q):  # SDPA has no soft-capping
+            return self.attend_written_out(q, k, v, mask, is_causal)
         return F.scaled_dot_product_attention(
             q,
             k,
@@ -292,10 +292,16 @@ class Attention(nn.Module):
             scale=self.scale,
         )
 
-    def _attend_softcapped(self, q, k, v, mask, is_causal):
-        """softmax(tanh(q k^T * scale / cap) * cap + mask) v (Gemma 2): the cap before the mask."""
+    def writes_product_out(self, q: torch.Tensor) -> bool:
+        """Whether `attend` writes the product out instead of calling SDPA (see llmcli.fast)."""
+        return False
+
+    def attend_written_out(self, q, k, v, mask, is_causal):
+        """softmax(q k^T * scale + mask) v as transformers' eager path writes it; with a soft cap
+        (Gemma 2), softmax(tanh(q k^T * scale / cap) * cap + mask) v: the cap before the mask."""
         scores = torch.matmul(q, k.transpose(-1, -2)) * (self.scale if self.scale is not None else q.shape[-1] ** -0.5)
-        scores = torch.tanh(scores / self.softcap) * self.softcap  # (B, H, T, S)
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap  # (B, H, T, S)
         T, S = scores.shape[-2:]
         if mask is None and is_causal:
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)

@@ -334,3 +334,22 @@ def test_a_decoder_only_model_has_the_positions_it_is_trained_on(tmp_path):
                     "--block-size", "48", "--max-steps", "1", "--preset", "tiny", "--quiet")  # fmt: skip
     assert result.exit_code == 0, result.output
     assert json.loads((out / "config.json").read_text())["max_positions"] == 48
+
+
+def test_the_optimizer_is_fused_adamw_without_decay_on_gains_and_biases():
+    from llmcli.config import preset
+    from llmcli.model import Transformer
+    from llmcli.train import _adamw
+
+    model = Transformer(preset("tiny", vocab_size=64, max_positions=32))
+    opt = _adamw(model, TrainOptions(task="translate", out="x", lr=1e-3, weight_decay=0.01))
+    decay, no_decay = opt.param_groups
+    assert decay["fused"] and no_decay["fused"]  # torch 2.4 and up have the CPU kernel
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randint(3, 64, (2, 5)), torch.randint(3, 64, (2, 6)), torch.ones(2, 6, dtype=torch.bool)).sum().backward()
+    opt.step()
+    assert all(
+        not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True) if p.grad is not None and p.grad.any()
+    )
