@@ -84,6 +84,13 @@ def autocast(precision: str):
     return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
+def _adamw(model) -> torch.optim.AdamW:
+    try:
+        return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    except RuntimeError:  # a torch without the CPU kernel (before 2.4): both get foreach
+        return torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+
+
 def measure(cfg, data, precision: str) -> dict[str, list[float]]:
     """Target tokens/s of each step, per contender, steps alternating between them."""
     torch.manual_seed(0)
@@ -93,7 +100,7 @@ def measure(cfg, data, precision: str) -> dict[str, list[float]]:
     except ImportError:
         print("transformers is not installed: measuring llmcli alone")
     # fused, as both trainers use it (llmcli train; transformers' Trainer from torch 2.8, adamw_torch_fused)
-    optimizers = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for k, (m, _) in contenders.items()}
+    optimizers = {k: _adamw(m) for k, (m, _) in contenders.items()}
     rates: dict[str, list[float]] = {k: [] for k in contenders}
     for i, batch in enumerate(data):
         for name, (model, step) in contenders.items():

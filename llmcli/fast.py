@@ -402,18 +402,30 @@ class OneQueryAttention(Attention):
 
 
 class TrainingAttention(Attention):
-    """Attention that, while a CPU trains under bf16 autocast, writes the product out (two batched
-    bf16 matmuls around a float32 softmax, `Attention.attend_written_out`) instead of calling SDPA.
-    Why: torch's CPU SDPA kernel is slow at training shapes, and slower still in bfloat16. Forward
-    and backward of 80 x 4 heads x 26 tokens x 64 with a padding mask, two threads: SDPA 15.3 ms
-    in bf16 against 3.6 in float32 on an Intel Xeon (AMX), 13.3 against 6.3 on an AMD EPYC
-    (Zen 4); written out in bf16 2.6 ms on the AMD EPYC. SDPA was a quarter of a bf16 step."""
+    """Attention for training on a CPU under bf16 autocast. Why: torch's CPU SDPA kernel is slow
+    at training shapes, and slower still in bfloat16. Forward and backward of 80 x 4 heads x 26
+    tokens x 64 with a padding mask, two threads: SDPA 15.3 ms in bf16 against 3.6 in float32 on
+    an Intel Xeon (AMX), 13.3 against 6.3 on an AMD EPYC (Zen 4); written out
+    (`Attention.attend_written_out`, bf16 matmuls around a float32 softmax) 2.6 ms on the AMD
+    EPYC. SDPA was a quarter of a bf16 step. So short sequences (translation's sentences) write
+    the product out; longer ones, where the written-out scores grow as T^2 and the speed is not
+    measured, keep SDPA in float32. The linear layers around it keep autocast's bfloat16."""
 
-    def writes_product_out(self, q: torch.Tensor) -> bool:
-        # with grad only: the backward is what is slow, so validation keeps SDPA
-        return (
+    def product(self, q, k, v, mask, is_causal):
+        # with grad only: the backward is what is slow, so validation keeps bf16 SDPA
+        if not (
             q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_autocast_enabled("cpu") and torch.is_grad_enabled()
-        )
+        ):
+            return super().product(q, k, v, mask, is_causal)
+        if max(q.shape[-2], k.shape[-2]) <= WRITTEN_OUT_MAX_TOKENS:
+            return self.attend_written_out(q, k, v, mask, is_causal)
+        with torch.autocast("cpu", enabled=False):
+            return super().product(q.float(), k.float(), v.float(), mask, is_causal)
+
+
+# The longest queries or keys whose attention TrainingAttention writes out while training: Multi30k's
+# sentences (26 tokens) were measured; (B, H, 128, 128) bf16 scores are still small beside the layers' activations.
+WRITTEN_OUT_MAX_TOKENS = 128
 
 
 class TrainingDropout(nn.Dropout):

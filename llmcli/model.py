@@ -280,7 +280,12 @@ class Attention(nn.Module):
         if self.n_kv_heads != self.n_heads:
             repeat = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        if self.softcap is not None or self.writes_product_out(q):  # SDPA has no soft-capping
+        return self.product(q, k, v, mask, is_causal)
+
+    def product(self, q, k, v, mask, is_causal):
+        """softmax(q k^T * scale + mask) v, q, k and v of matching rows and heads: SDPA, or
+        written out where SDPA cannot (a soft cap). llmcli.fast's kernels replace this method."""
+        if self.softcap is not None:  # SDPA has no soft-capping
             return self.attend_written_out(q, k, v, mask, is_causal)
         return F.scaled_dot_product_attention(
             q,
@@ -292,13 +297,11 @@ class Attention(nn.Module):
             scale=self.scale,
         )
 
-    def writes_product_out(self, q: torch.Tensor) -> bool:
-        """Whether `attend` writes the product out instead of calling SDPA (see llmcli.fast)."""
-        return False
-
     def attend_written_out(self, q, k, v, mask, is_causal):
         """softmax(q k^T * scale + mask) v as transformers' eager path writes it; with a soft cap
-        (Gemma 2), softmax(tanh(q k^T * scale / cap) * cap + mask) v: the cap before the mask."""
+        (Gemma 2), softmax(tanh(q k^T * scale / cap) * cap + mask) v: the cap before the mask.
+        The scores keep q's precision (bf16 under autocast) up to the float32 softmax, and a row
+        with every key masked gives NaN, where SDPA gives zeros: the model's masks have none."""
         scores = torch.matmul(q, k.transpose(-1, -2)) * (self.scale if self.scale is not None else q.shape[-1] ** -0.5)
         if self.softcap is not None:
             scores = torch.tanh(scores / self.softcap) * self.softcap  # (B, H, T, S)

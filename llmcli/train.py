@@ -411,7 +411,13 @@ def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tens
     for name, value in list(tensors.items()) + list(meta["scalars"].items()):
         idx, key = name.split(".", 1)
         state.setdefault(int(idx), {})[key] = value
+    built = [(group.get("fused"), group.get("foreach")) for group in opt.param_groups]
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    # The saved groups bring their kernel with them, which keeps a resume bit for bit; but a run
+    # saved with the fused kernel, resumed where this torch has none, goes on with foreach.
+    for group, (fused, foreach) in zip(opt.param_groups, built, strict=True):
+        if group.get("fused") and not fused:
+            group["fused"], group["foreach"] = fused, foreach
 
 
 def save_train_state(

@@ -1,3 +1,4 @@
+import copy
 import dataclasses
 import json
 import math
@@ -336,6 +337,7 @@ def test_a_decoder_only_model_has_the_positions_it_is_trained_on(tmp_path):
     assert json.loads((out / "config.json").read_text())["max_positions"] == 48
 
 
+@pytest.mark.skipif(tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 4), reason="fused AdamW on CPU needs torch 2.4")
 def test_the_optimizer_is_fused_adamw_without_decay_on_gains_and_biases():
     from llmcli.config import preset
     from llmcli.model import Transformer
@@ -347,9 +349,40 @@ def test_the_optimizer_is_fused_adamw_without_decay_on_gains_and_biases():
     assert decay["fused"] and no_decay["fused"]  # torch 2.4 and up have the CPU kernel
     assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
-    before = [p.detach().clone() for p in model.parameters()]
+    model.eval()  # no dropout: both passes alike
+    twin, start = copy.deepcopy(model), copy.deepcopy(model)
+    reference = torch.optim.AdamW(
+        [{"params": [p for p in twin.parameters() if p.dim() >= 2], "weight_decay": 0.01},
+         {"params": [p for p in twin.parameters() if p.dim() < 2], "weight_decay": 0.0}],
+        lr=1e-3, betas=(0.9, 0.98), eps=1e-9, foreach=False,
+    )  # fmt: skip
+    batch = torch.randint(3, 64, (2, 5)), torch.randint(3, 64, (2, 6)), torch.ones(2, 6, dtype=torch.bool)
+    for m, o in ((model, opt), (twin, reference)):
+        m(*batch).sum().backward()
+        o.step()
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b)  # the same AdamW, in one kernel
+    assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), start.parameters(), strict=True))  # it moved
+
+
+@pytest.mark.skipif(tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 4), reason="fused AdamW on CPU needs torch 2.4")
+def test_a_run_saved_with_fused_adamw_resumes_where_there_is_none():
+    from llmcli.config import preset
+    from llmcli.model import Transformer
+    from llmcli.train import _optimizer_tensors, _restore_optimizer
+
+    model = Transformer(preset("tiny", vocab_size=64, max_positions=32))
+    params = list(model.parameters())
     model(torch.randint(3, 64, (2, 5)), torch.randint(3, 64, (2, 6)), torch.ones(2, 6, dtype=torch.bool)).sum().backward()
-    opt.step()
-    assert all(
-        not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True) if p.grad is not None and p.grad.any()
-    )
+    fused = torch.optim.AdamW(params, lr=1e-3, fused=True)
+    fused.step()
+    plain = torch.optim.AdamW(params, lr=1e-3, foreach=True)  # what _adamw builds where there is no fused kernel
+    _restore_optimizer(plain, *_optimizer_tensors(fused))
+    assert not plain.param_groups[0]["fused"] and plain.param_groups[0]["foreach"]
+    plain.step()
+    assert int(plain.state[params[0]]["step"]) == 2
+    older = torch.optim.AdamW(params, lr=1e-3, foreach=True)
+    older.step()
+    again = torch.optim.AdamW(params, lr=1e-3, fused=True)
+    _restore_optimizer(again, *_optimizer_tensors(older))
+    assert not again.param_groups[0]["fused"]  # an older run resumes with the kernel it was saved with, bit for bit

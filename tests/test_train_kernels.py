@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from llmcli.config import preset
 from llmcli.data import IGNORE_INDEX
 from llmcli.fast import TrainingAttention, TrainingDropout, prepare_training, smoothed_cross_entropy
-from llmcli.model import Transformer
+from llmcli.model import Attention, Transformer
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -141,6 +141,48 @@ def test_training_attention_under_bf16_autocast_writes_the_product_out(monkeypat
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         fast(tokens, src, mask)
     assert len(sdpa_calls) == cfg.n_encoder_layers + 2 * cfg.n_decoder_layers
+
+
+@pytest.mark.parametrize("case", ["padding mask", "causal", "float bias", "grouped kv"])
+def test_attention_written_out_equals_sdpa(case):
+    """`Attention.attend_written_out` against SDPA in float32, for the masks the model makes."""
+    torch.manual_seed(0)
+    cfg = preset("tiny", vocab_size=64, max_positions=32)
+    attention = Attention(cfg).eval()
+    B, H, T, D = 3, cfg.n_heads, 7, cfg.head_dim
+    q, k, v = (torch.randn(B, H, T, D) for _ in range(3))
+    mask, is_causal = None, False
+    if case == "padding mask":
+        mask = torch.ones(B, 1, 1, T, dtype=torch.bool)
+        mask[0, ..., 4:] = False
+    elif case == "causal":
+        is_causal = True
+    elif case == "float bias":
+        mask = torch.randn(B, H, T, T)
+    else:  # what attend passes on after repeating grouped key/value heads: equal shapes
+        k, v = k[:, :1].expand(B, H, T, D), v[:, :1].expand(B, H, T, D)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+    torch.testing.assert_close(attention.attend_written_out(q, k, v, mask, is_causal), expected)
+
+
+def test_training_attention_keeps_float32_sdpa_for_long_sequences(monkeypatch):
+    from llmcli.fast import WRITTEN_OUT_MAX_TOKENS
+
+    torch.manual_seed(0)
+    T = WRITTEN_OUT_MAX_TOKENS + 2
+    cfg = preset("tiny", vocab_size=64, max_positions=2 * T)
+    model = prepare_training(Transformer(cfg))
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, *a, **k: seen.append(q.dtype) or sdpa(q, *a, **k))
+    for length in (T, 20):
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(
+                torch.randint(3, 64, (2, length)), torch.randint(3, 64, (2, length)), torch.ones(2, length, dtype=torch.bool)
+            )
+        logits.float().sum().backward()
+        assert seen == ([torch.float32] * (cfg.n_encoder_layers + 2 * cfg.n_decoder_layers) if length == T else [])
 
 
 def test_training_attention_with_bf16_parameters_and_no_autocast_stays_bf16():
