@@ -30,6 +30,7 @@ from llmcli.data import IGNORE_INDEX, collate, make_batches, seq2seq_example
 from llmcli.device import precision_facts, reuse_freed_memory
 from llmcli.fast import prepare_training, smoothed_cross_entropy
 from llmcli.model import Transformer
+from llmcli.train import fused_adamw
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
 
@@ -84,13 +85,6 @@ def autocast(precision: str):
     return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
-def _adamw(model) -> torch.optim.AdamW:
-    try:
-        return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    except RuntimeError:  # a torch without the CPU kernel (before 2.4): both get foreach
-        return torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
-
-
 def measure(cfg, data, precision: str) -> dict[str, list[float]]:
     """Target tokens/s of each step, per contender, steps alternating between them."""
     torch.manual_seed(0)
@@ -100,7 +94,7 @@ def measure(cfg, data, precision: str) -> dict[str, list[float]]:
     except ImportError:
         print("transformers is not installed: measuring llmcli alone")
     # fused, as both trainers use it (llmcli train; transformers' Trainer from torch 2.8, adamw_torch_fused)
-    optimizers = {k: _adamw(m) for k, (m, _) in contenders.items()}
+    optimizers = {k: fused_adamw(m.parameters(), lr=1e-4) for k, (m, _) in contenders.items()}
     rates: dict[str, list[float]] = {k: [] for k in contenders}
     for i, batch in enumerate(data):
         for name, (model, step) in contenders.items():

@@ -401,6 +401,11 @@ class OneQueryAttention(Attention):
         return attend_one(q, k, v, mask, self.scale, self.softcap).unsqueeze(2)  # (B, H, 1, D)
 
 
+# The longest queries or keys whose attention TrainingAttention writes out while training: Multi30k's
+# sentences (26 tokens) were measured; (B, H, 128, 128) bf16 scores are still small beside the layers' activations.
+WRITTEN_OUT_MAX_TOKENS = 128
+
+
 class TrainingAttention(Attention):
     """Attention for training on a CPU under bf16 autocast. Why: torch's CPU SDPA kernel is slow
     at training shapes, and slower still in bfloat16. Forward and backward of 80 x 4 heads x 26
@@ -421,11 +426,6 @@ class TrainingAttention(Attention):
             return self.attend_written_out(q, k, v, mask, is_causal)
         with torch.autocast("cpu", enabled=False):
             return super().product(q.float(), k.float(), v.float(), mask, is_causal)
-
-
-# The longest queries or keys whose attention TrainingAttention writes out while training: Multi30k's
-# sentences (26 tokens) were measured; (B, H, 128, 128) bf16 scores are still small beside the layers' activations.
-WRITTEN_OUT_MAX_TOKENS = 128
 
 
 class TrainingDropout(nn.Dropout):
