@@ -11,10 +11,11 @@ import time
 import pytest
 import torch
 import typer
-from conftest import TINY_CONFIG, run_cli, sigint_default, train_args
+from conftest import TINY_CONFIG, TINY_FIELDS, run_cli, set_args, sigint_default, train_args
 from typer.testing import CliRunner
 
 from llmcli.cli import app
+from llmcli.config import PRESETS
 from llmcli.data import make_batches
 from llmcli.device import cpu_has_bf16
 from llmcli.errors import UserError
@@ -386,3 +387,38 @@ def test_a_run_saved_with_fused_adamw_resumes_where_there_is_none():
     again = torch.optim.AdamW(params, lr=1e-3, fused=True)
     _restore_optimizer(again, *_optimizer_tensors(older))
     assert not again.param_groups[0]["fused"]  # an older run resumes with the kernel it was saved with, bit for bit
+
+
+@pytest.mark.parametrize("more_from, chosen", [(0.01, 0.2), (1000, 0.0)])
+def test_dropout_is_raised_when_the_run_makes_many_passes_and_a_resume_keeps_it(
+    number_corpus, tmp_path, monkeypatch, more_from, chosen
+):
+    # 6 or 9 steps of 400-token batches are less than a pass over the 400 training lines, so the
+    # threshold is lowered below them, or left far above; the choice is made at step 3 here (160 in
+    # a real run). The preset's dropout is 0 in this test.
+    monkeypatch.setattr("llmcli.train.DROPOUT_CHOSEN_AT", 3)
+    monkeypatch.setattr("llmcli.train.DROPOUT_MORE_PASSES", more_from)
+    fields = set_args({k: v for k, v in TINY_FIELDS.items() if k != "dropout"})
+    monkeypatch.setitem(PRESETS, "tiny", dict(PRESETS["tiny"], dropout=0.0))
+    args = [a for a in train_args(number_corpus, tmp_path / "m", "--preset", "tiny") if a not in TINY_CONFIG] + fields
+    result = invoke(*args, "--max-steps", "6", "--schedule", "inverse_sqrt")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["dropout"] == chosen
+    log = invoke(*[a for a in args if a != "--quiet"], "--max-steps", "6", "--out", str(tmp_path / "logged"))
+    assert re.search(rf"dropout {chosen:g}: the run will make about \d+ passes", log.output), log.output
+    # A run resumed after the choice goes on with it, bit for bit with one never stopped, even
+    # when the best model (config.json) was saved before the choice: the state keeps it.
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps(dict(config, dropout=0.0)))
+    whole = [a if a != str(tmp_path / "m") else str(tmp_path / "whole") for a in args]
+    assert invoke(*whole, "--max-steps", "9", "--schedule", "inverse_sqrt").exit_code == 0
+    resumed = invoke("train", "--task", "translate", "--resume", str(tmp_path / "m"), "--max-steps", "9", "--quiet")
+    assert resumed.exit_code == 0, resumed.output
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
+
+
+def test_dropout_the_user_set_is_kept_whatever_the_passes(number_corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr("llmcli.train.DROPOUT_CHOSEN_AT", 3)
+    monkeypatch.setattr("llmcli.train.DROPOUT_MORE_PASSES", 0.01)
+    assert invoke(*train_args(number_corpus, tmp_path / "m", "--max-steps", "6")).exit_code == 0
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["dropout"] == 0.1
