@@ -950,7 +950,7 @@ def _choose_dropout(run: Run, reporter: Reporter) -> None:
     passes = progress.horizon * progress.tokens_seen / progress.step / max(sum(run.n_targets), 1)
     dropout = DROPOUT_MORE if passes >= DROPOUT_MORE_PASSES else cfg.dropout
     reporter.log(
-        f"dropout {dropout:g}: the run will make about {passes:.0f} passes over the training data "
+        f"dropout {dropout:g}: the run will make about {passes:.1f} passes over the training data "
         f"({DROPOUT_MORE:g} from {DROPOUT_MORE_PASSES} passes on, else the preset's {cfg.dropout:g}; --set dropout=P to choose)"
     )
     progress.dropout = dropout
