@@ -358,12 +358,17 @@ def _check_type(name: str, value: object, hint: object) -> None:
 
 # Presets for training from scratch. "base" is the Transformer-base of Vaswani et al. (2017),
 # pre-norm as most current training recipes use, since it trains stably without long warmup.
+# "small", the recipe's model, is post-norm, as Vaswani et al.'s: at 3+3 layers it trains stably
+# under the recipe's short warmup and learns faster per step (Multi30k en-de, 30 minutes: validation
+# loss 2.031 against pre-norm's 2.152, BLEU +0.85; bench/README.md, "Recipe search"). "tiny" (the
+# demo's) and "base" were not measured and stay pre-norm.
 # Embeddings are scaled by sqrt(d_model) (and initialised at d_model**-0.5) so that token
 # identity and the unit-amplitude sinusoids start on the same scale.
 _FROM_SCRATCH = dict(scale_embeddings=True, dropout=0.1)
+_POST_NORM = dict(norm_position="post", final_norm=False)
 PRESETS: dict[str, dict] = {
     "tiny": dict(d_model=128, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, d_ff=512, **_FROM_SCRATCH),
-    "small": dict(d_model=256, n_heads=4, n_encoder_layers=3, n_decoder_layers=3, d_ff=1024, **_FROM_SCRATCH),
+    "small": dict(d_model=256, n_heads=4, n_encoder_layers=3, n_decoder_layers=3, d_ff=1024, **_FROM_SCRATCH, **_POST_NORM),
     "base": dict(d_model=512, n_heads=8, n_encoder_layers=6, n_decoder_layers=6, d_ff=2048, **_FROM_SCRATCH),
 }
 
@@ -376,5 +381,10 @@ def preset(name: str, **overrides) -> ModelConfig:
         fields["n_decoder_layers"] = fields["n_encoder_layers"] + fields["n_decoder_layers"]
         fields["n_encoder_layers"] = 0
         fields.setdefault("positions", "rope")
+        # Post-norm was measured on translation only; a decoder-only stack twice as deep keeps pre-norm.
+        fields.update(norm_position="pre", final_norm=True)
+    if "norm_position" in overrides and "final_norm" not in overrides:
+        # A pre-norm stack needs the norm after its last layer; a post-norm one already ends in one.
+        fields["final_norm"] = overrides["norm_position"] != "post"
     fields.update(overrides)
     return ModelConfig(**fields)

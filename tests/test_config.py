@@ -19,6 +19,15 @@ def test_presets_are_valid(name):
     assert preset(name).d_model > 0
     lm = preset(name, architecture="decoder-only")
     assert lm.n_encoder_layers == 0 and lm.positions == "rope"
+    assert (lm.norm_position, lm.final_norm) == ("pre", True)  # post-norm was measured on translation only
+
+
+def test_the_recipes_preset_is_post_norm_unless_set():
+    assert (preset("small").norm_position, preset("small").final_norm) == ("post", False)
+    assert (preset("small", norm_position="pre").norm_position, preset("small", norm_position="pre").final_norm) == ("pre", True)
+    assert preset("tiny", norm_position="post").final_norm is False  # a post-norm stack ends in a norm already
+    assert preset("tiny", norm_position="post", final_norm=True).final_norm is True
+    assert preset("small", architecture="decoder-only", norm_position="post").norm_position == "post"
 
 
 @pytest.mark.parametrize(

@@ -108,11 +108,12 @@ def test_prepare_training_keeps_the_model_and_its_state_dict():
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_training_attention_under_bf16_autocast_writes_the_product_out(monkeypatch):
+@pytest.mark.parametrize("norm", ["pre", "post"])  # "small", the recipe's, is post-norm
+def test_training_attention_under_bf16_autocast_writes_the_product_out(monkeypatch, norm):
     """The same loss and gradients as the plain model (SDPA) under autocast, up to bf16 rounding;
     training does not call SDPA at all, and validation (no grad) still does."""
     torch.manual_seed(0)
-    cfg = preset("tiny", vocab_size=64, max_positions=32)
+    cfg = preset("tiny", vocab_size=64, max_positions=32, norm_position=norm, final_norm=norm == "pre")
     plain = Transformer(cfg).eval()
     fast = prepare_training(Transformer(cfg)).eval()
     fast.load_state_dict(plain.state_dict())
