@@ -247,6 +247,12 @@ def train(
         if world.is_main:
             raise
         raise typer.Exit(130) from None
+    except Terminated:
+        # torchrun stops the other processes with SIGTERM when one fails: the launcher says why, once
+        # (a worker's own "terminated" line raced it, and sometimes came first).
+        if world.is_main and not distributed.launched_by_llmcli():
+            raise
+        raise typer.Exit(143) from None
     summary = f"trained {result.steps} steps in {result.elapsed:.0f}s ({result.tokens_per_second:,.0f} target tokens/s)"
     if result.valid_loss is not None:
         summary += f", best validation loss {result.valid_loss:.4f} (perplexity {result.valid_perplexity:.2f})"

@@ -204,5 +204,8 @@ def launch(nproc: int, args: list[str], debug: bool = False) -> int:
         return 1
     except SignalException as e:
         # Ctrl-C reached the workers too; rank 0 saved the state and said how to resume.
+        # Launched workers stay quiet on SIGTERM, so the launcher says it.
+        if e.sigval == signal.SIGTERM:
+            print("llmcli: terminated", file=sys.stderr, flush=True)
         return 128 + int(e.sigval)
     return 0
