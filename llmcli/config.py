@@ -365,10 +365,11 @@ def _check_type(name: str, value: object, hint: object) -> None:
 # Embeddings are scaled by sqrt(d_model) (and initialised at d_model**-0.5) so that token
 # identity and the unit-amplitude sinusoids start on the same scale.
 _FROM_SCRATCH = dict(scale_embeddings=True, dropout=0.1)
-_POST_NORM = dict(norm_position="post", final_norm=False)
 PRESETS: dict[str, dict] = {
     "tiny": dict(d_model=128, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, d_ff=512, **_FROM_SCRATCH),
-    "small": dict(d_model=256, n_heads=4, n_encoder_layers=3, n_decoder_layers=3, d_ff=1024, **_FROM_SCRATCH, **_POST_NORM),
+    "small": dict(
+        d_model=256, n_heads=4, n_encoder_layers=3, n_decoder_layers=3, d_ff=1024, **_FROM_SCRATCH, norm_position="post"
+    ),
     "base": dict(d_model=512, n_heads=8, n_encoder_layers=6, n_decoder_layers=6, d_ff=2048, **_FROM_SCRATCH),
 }
 
@@ -382,9 +383,8 @@ def preset(name: str, **overrides) -> ModelConfig:
         fields["n_encoder_layers"] = 0
         fields.setdefault("positions", "rope")
         # Post-norm was measured on translation only; a decoder-only stack twice as deep keeps pre-norm.
-        fields.update(norm_position="pre", final_norm=True)
-    if "norm_position" in overrides and "final_norm" not in overrides:
-        # A pre-norm stack needs the norm after its last layer; a post-norm one already ends in one.
-        fields["final_norm"] = overrides["norm_position"] != "post"
+        fields["norm_position"] = "pre"
     fields.update(overrides)
+    # A pre-norm stack needs the norm after its last layer; a post-norm one already ends in one.
+    fields.setdefault("final_norm", fields.get("norm_position", "pre") != "post")
     return ModelConfig(**fields)

@@ -113,7 +113,7 @@ def test_training_attention_under_bf16_autocast_writes_the_product_out(monkeypat
     """The same loss and gradients as the plain model (SDPA) under autocast, up to bf16 rounding;
     training does not call SDPA at all, and validation (no grad) still does."""
     torch.manual_seed(0)
-    cfg = preset("tiny", vocab_size=64, max_positions=32, norm_position=norm, final_norm=norm == "pre")
+    cfg = preset("tiny", vocab_size=64, max_positions=32, norm_position=norm)
     plain = Transformer(cfg).eval()
     fast = prepare_training(Transformer(cfg)).eval()
     fast.load_state_dict(plain.state_dict())
