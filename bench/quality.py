@@ -11,6 +11,7 @@ the commands, parses the trainer's summary lines and collects the scores.
     python bench/quality.py --tasks shakespeare,csl --minutes 0.5 --keep runs/   # keep the models
     python bench/quality.py --minutes 0.5 --beam 1 --limit 50 --extra-train-args "--preset tiny"  # a smoke run
     python bench/quality.py --keep runs/ --reuse --precisions fp32,bf16,int8,int4   # the same models, other precisions
+    python bench/quality.py --tasks en-de --curve 4            # BLEU against minutes: every 4th save scored too
 
 Tasks (../shared/data, or --data DIR; a task whose folder is missing is skipped, saying so):
   en-de, en-fr  Multi30k: train on train.*, validate on val.*, translate test_2016_flickr and
@@ -37,6 +38,9 @@ save included; the "wall min" column is the command's own time.
 translate, summarize and eval), each row against the fp32 row of the same test: the quality guard
 of the lower precisions. --reuse, with --keep DIR, takes DIR/<task>/model where a previous run left
 one instead of training again (its training record read back from the files that run kept).
+--curve K keeps every save of a translation run (`--keep-checkpoints`; a budgeted run saves every
+twentieth of it) and scores every K-th on test_2016_flickr as well: BLEU against the minutes of
+training that save had had (train_log.jsonl's `seconds`), the learning curve of the recipe.
 
 The table goes to stderr, --json writes everything: CPU model and flags, torch's threads and
 version, each command as run, the trainer's steps, target tokens/s and validation loss, scores.
@@ -62,6 +66,7 @@ TASKS = ("en-de", "en-fr", "shakespeare", "csl")
 FOLDERS = {"en-de": "multi30k", "en-fr": "multi30k", "shakespeare": "tinyshakespeare", "csl": "csl_title"}
 TEST_SETS = ("test_2016_flickr", "test_2017_flickr")
 LEAD_CHARS = 16
+CURVE_SAVES = 100  # --curve: more than a budgeted run makes (one every twentieth of the budget)
 CSL_VALID = 100  # dev.tsv's last lines, held out for validation (model choice)
 
 # The trainer's own lines on stderr (llmcli/train.py `_setup`, `_loop`; llmcli/cli.py `train`).
@@ -111,6 +116,8 @@ class Task:
     def train_model(self, task_args: list[str]) -> Path:
         out = self.work / "model"
         cmd = llmcli("train", *task_args, "--out", out, "--max-minutes", self.args.minutes)
+        if self.args.curve and self.name in ("en-de", "en-fr"):
+            cmd += ["--keep-checkpoints", str(CURVE_SAVES)]
         cmd += shlex.split(self.args.extra_train_args)
         log = self.work / "train.log"
         if self.args.reuse and (out / "config.json").is_file() and log.is_file():
@@ -230,7 +237,24 @@ def translation(name: str, data: Path, work: Path, args: argparse.Namespace) -> 
             chrf = task.score("chrf", hyp, ref, label, precision=precision)
             if args.check is None:  # the first case of the run: llmcli eval == sacrebleu in-process
                 args.check = {"case": f"{name} {test} {precision}", **sacrebleu_check(hyp, ref, bleu, chrf)}
+    if args.curve:
+        learning_curve(task, model, *test_files(data / f"{TEST_SETS[0]}.{src}", data / f"{TEST_SETS[0]}.{tgt}", work, args.limit))
     return task
+
+
+def learning_curve(task: Task, model: Path, source: Path, ref: Path) -> None:
+    """Every --curve-th kept save translates the first test set: BLEU against minutes of training."""
+    seconds = {entry["step"]: entry["seconds"] for entry in task.train.get("curve", []) if "seconds" in entry}
+    saves = sorted((model / "checkpoints").glob("step-*"))
+    options, precision = task.precisions()[0]
+    for save in saves[task.args.curve - 1 :: task.args.curve]:
+        step = int(save.name.split("-")[1])
+        hyp = task.work / f"{TEST_SETS[0]}.{save.name}.hyp"
+        task.call(llmcli("translate", "-m", save, source, "-o", hyp, "-q", *task.decode_options(), *options))
+        minutes = seconds[step] / 60 if step in seconds else None
+        system = f"save at step {step}" + (f", {minutes:.1f} min" if minutes is not None else "")
+        task.score("bleu", hyp, ref, TEST_SETS[0], system=system, curve_step=step, curve_minutes=minutes,
+                   curve_precision=precision)  # fmt: skip
 
 
 def shakespeare(data: Path, work: Path, args: argparse.Namespace) -> Task:
@@ -395,6 +419,13 @@ def main() -> None:
         help="comma-separated inference precisions to decode and score each model at: fp32,bf16,int8,int4,auto",
     )
     p.add_argument("--reuse", action="store_true", help="with --keep DIR: use DIR/<task>/model where it exists, untrained")
+    p.add_argument(
+        "--curve",
+        type=int,
+        default=0,
+        metavar="K",
+        help="translation: keep every save and score every K-th on test_2016_flickr (BLEU against minutes)",
+    )
     p.add_argument("--data", type=Path, default=DATA, help="the shared corpora (default: ../shared/data)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args()
@@ -407,6 +438,8 @@ def main() -> None:
     if "fp32" in args.precisions:  # first: the other rows are read against it
         args.precisions.remove("fp32")
         args.precisions.insert(0, "fp32")
+    if args.curve < 0:
+        p.error("--curve K needs K >= 1 (or 0: no curve)")
     if args.reuse and args.keep is None:
         p.error("--reuse needs --keep DIR (where the models are)")
     if not args.data.is_dir():
@@ -444,6 +477,7 @@ def main() -> None:
             "reuse": args.reuse,
             "block_size": args.block_size,
             "limit": args.limit,
+            "curve": args.curve,
             "extra_train_args": args.extra_train_args,
             "data": str(args.data),
         },  # fmt: skip

@@ -1,5 +1,5 @@
 """bench/quality.py end to end on a generated corpus: train, translate at each precision, score,
-and --reuse scoring the kept model again without training it."""
+the learning curve of --curve, and --reuse scoring the kept model again without training it."""
 
 import json
 import os
@@ -37,16 +37,22 @@ def bench(tmp_path, *args):
 
 def bleu_rows(report):
     scores = report["tasks"]["en-de"]["scores"]
-    return {(s["test"], s["precision"]): s["score"] for s in scores if s["metric"] == "bleu"}
+    return {(s["test"], s["precision"]): s["score"] for s in scores if s["metric"] == "bleu" and "curve_step" not in s}
 
 
 def test_quality_bench_trains_scores_and_reuses(tmp_path):
     (tmp_path / "data").mkdir()
     corpus(tmp_path / "data" / "multi30k")
     extra = " ".join(["--preset tiny --vocab-size 300", *TINY_CONFIG])
-    bench(tmp_path, "--minutes", "0.1", f"--extra-train-args={extra}", "--json", str(tmp_path / "first.json"))
+    bench(tmp_path, "--minutes", "0.1", "--curve", "3", f"--extra-train-args={extra}", "--json", str(tmp_path / "first.json"))
     first = json.loads((tmp_path / "first.json").read_text(encoding="utf-8"))
     assert first["tasks"]["en-de"]["train"]["steps"] > 0
+    saves = sorted((tmp_path / "runs" / "en-de" / "model" / "checkpoints").glob("step-*"))
+    curve = [s for s in first["tasks"]["en-de"]["scores"] if "curve_step" in s]
+    assert [s["curve_step"] for s in curve] == [int(d.name.split("-")[1]) for d in saves[2::3]]
+    assert len(curve) >= 2 and all(s["metric"] == "bleu" and s["test"] == "test_2016_flickr" for s in curve)
+    minutes = [s["curve_minutes"] for s in curve]
+    assert minutes == sorted(minutes) and minutes[-1] <= 0.1
     assert set(bleu_rows(first)) == {("test_2016_flickr", "fp32"), ("test_2017_flickr", "fp32")}
     assert first["sacrebleu_check"]["bleu"]["equal"]
 
