@@ -246,6 +246,8 @@ def learning_curve(task: Task, model: Path, source: Path, ref: Path) -> None:
     """Every --curve-th kept save translates the first test set: BLEU against minutes of training."""
     seconds = {entry["step"]: entry["seconds"] for entry in task.train.get("curve", []) if "seconds" in entry}
     saves = sorted((model / "checkpoints").glob("step-*"))
+    if not saves:  # --reuse of a model trained without --curve
+        print(f"[{task.name}] --curve: no saves kept in {model / 'checkpoints'}", file=sys.stderr, flush=True)
     options, precision = task.precisions()[0]
     for save in saves[task.args.curve - 1 :: task.args.curve]:
         step = int(save.name.split("-")[1])
