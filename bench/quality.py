@@ -116,8 +116,6 @@ class Task:
     def train_model(self, task_args: list[str]) -> Path:
         out = self.work / "model"
         cmd = llmcli("train", *task_args, "--out", out, "--max-minutes", self.args.minutes)
-        if self.args.curve and self.name in ("en-de", "en-fr"):
-            cmd += ["--keep-checkpoints", str(CURVE_SAVES)]
         cmd += shlex.split(self.args.extra_train_args)
         log = self.work / "train.log"
         if self.args.reuse and (out / "config.json").is_file() and log.is_file():
@@ -225,9 +223,10 @@ def translation(name: str, data: Path, work: Path, args: argparse.Namespace) -> 
             "--preset",
             "small",
         ]  # fmt: skip
+        + (["--keep-checkpoints", str(CURVE_SAVES)] if args.curve else [])
     )
-    for test in TEST_SETS:
-        source, ref = test_files(data / f"{test}.{src}", data / f"{test}.{tgt}", work, args.limit)
+    tests = {test: test_files(data / f"{test}.{src}", data / f"{test}.{tgt}", work, args.limit) for test in TEST_SETS}
+    for test, (source, ref) in tests.items():
         label = test if args.limit is None else f"{test}[:{args.limit}]"
         for options, precision in task.precisions():
             hyp = work / f"{test}.{precision}.hyp.{tgt}"
@@ -238,7 +237,7 @@ def translation(name: str, data: Path, work: Path, args: argparse.Namespace) -> 
             if args.check is None:  # the first case of the run: llmcli eval == sacrebleu in-process
                 args.check = {"case": f"{name} {test} {precision}", **sacrebleu_check(hyp, ref, bleu, chrf)}
     if args.curve:
-        learning_curve(task, model, *test_files(data / f"{TEST_SETS[0]}.{src}", data / f"{TEST_SETS[0]}.{tgt}", work, args.limit))
+        learning_curve(task, model, *tests[TEST_SETS[0]])
     return task
 
 
