@@ -151,7 +151,9 @@ def train(
         show_default=False,
     ),
     lr: float = typer.Option(
-        None, help="Peak learning rate (default: 1e-3 for the tiny and small presets, 7e-4 for base).", show_default=False
+        None,
+        help="Peak learning rate (default: 1.4e-3 for the post-norm small preset, 1e-3 for tiny and a decoder-only small, 7e-4 for base).",
+        show_default=False,
     ),
     warmup_steps: int = typer.Option(
         None, "--warmup", help="Linear warmup steps (default: 400, or a tenth of the run if less).", show_default=False

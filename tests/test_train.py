@@ -19,7 +19,7 @@ from llmcli.config import PRESETS
 from llmcli.data import make_batches
 from llmcli.device import cpu_has_bf16
 from llmcli.errors import UserError
-from llmcli.train import TrainOptions, learning_rate
+from llmcli.train import POST_NORM_LR, PRESET_LR, TrainOptions, default_lr, learning_rate
 
 runner = CliRunner()
 
@@ -209,6 +209,18 @@ def test_learning_rate_schedule():
     default = TrainOptions(task="translate", out="x", lr=1e-3, max_steps=100000)
     assert learning_rate(200, default) == pytest.approx(5e-4)
     assert learning_rate(20, default, horizon=400) == pytest.approx(5e-4)
+
+
+def test_default_learning_rate_follows_the_normalisation():
+    # The post-norm small preset (an encoder-decoder's) takes its own, higher rate; its pre-norm
+    # forms (decoder-only, or --set norm_position=pre) keep the preset's.
+    def lr(task, preset="small", **overrides):
+        return default_lr(TrainOptions(task=task, out="x", preset=preset, config_overrides=overrides or None))[0]
+
+    assert POST_NORM_LR["small"] > PRESET_LR["small"]
+    assert lr("translate") == lr("summarize") == lr("qa") == POST_NORM_LR["small"]
+    assert lr("generate") == lr("translate", norm_position="pre") == PRESET_LR["small"]
+    assert lr("translate", "base") == PRESET_LR["base"] and lr("translate", "tiny") == PRESET_LR["tiny"]
 
 
 @pytest.mark.parametrize(
