@@ -47,7 +47,12 @@ def handle_errors(command: Callable) -> Callable:
             print("llmcli: interrupted", file=sys.stderr, flush=True)
             raise typer.Exit(130) from None
         except Terminated:
-            print("llmcli: terminated", file=sys.stderr, flush=True)
+            # A worker llmcli launched is stopped by torchrun when another fails, and may be in the
+            # middle of reporting its own error: the launcher says what happened, once.
+            from llmcli import distributed
+
+            if not distributed.launched_by_llmcli():
+                print("llmcli: terminated", file=sys.stderr, flush=True)
             raise typer.Exit(143) from None
         except PermissionError as e:  # a model directory, input or output the user may not read or write
             if _State.debug:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import typer
 from conftest import run_cli, train_args
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -168,6 +169,29 @@ def test_a_user_error_in_every_process_is_one_line(number_corpus, tmp_path):
     assert result.returncode == 2
     err = result.stderr.decode().strip()
     assert err.splitlines() == [f"llmcli: error: {tmp_path / 'missing.en'}: no such file"]
+
+
+@pytest.mark.parametrize("launched", [False, True])
+def test_sigterm_is_one_line_unless_a_worker_llmcli_launched(launched, monkeypatch, capsys):
+    # torchrun stops the other workers with SIGTERM when one fails, perhaps while one is still
+    # reporting its own error: a launched worker stays quiet, as the launcher gives the one line.
+    from llmcli import cli, distributed
+
+    if launched:
+        monkeypatch.setenv(distributed.LAUNCHED_ENV, "1")
+    else:
+        monkeypatch.delenv(distributed.LAUNCHED_ENV, raising=False)
+
+    def command():
+        try:
+            raise UserError("missing.en: no such file")
+        except UserError:
+            raise cli.Terminated() from None
+
+    with pytest.raises(typer.Exit) as exit:
+        cli.handle_errors(command)()
+    assert exit.value.exit_code == 143
+    assert capsys.readouterr().err == ("" if launched else "llmcli: terminated\n")
 
 
 def test_a_global_batch_that_cannot_be_shared_is_refused_and_a_new_one_is_announced(capsys):
