@@ -371,10 +371,15 @@ def build_examples(corpus: Corpus, src_tok: Tokenizer, tgt_tok: Tokenizer, cfg: 
     ]
 
 
+def architecture(task: str) -> str:
+    """generate trains a decoder-only model; translate, summarize and qa an encoder-decoder."""
+    return "decoder-only" if task == "generate" else "encoder-decoder"
+
+
 def make_config(opts: TrainOptions, src_tok: Tokenizer, tgt_tok: Tokenizer) -> ModelConfig:
-    decoder_only = opts.task == "generate"
+    decoder_only = architecture(opts.task) == "decoder-only"
     fields = dict(
-        architecture="decoder-only" if decoder_only else "encoder-decoder",
+        architecture=architecture(opts.task),
         vocab_size=src_tok.vocab_size,
         pad_id=tgt_tok.pad_id,
         bos_id=tgt_tok.bos_id,
@@ -669,8 +674,7 @@ def _chosen_defaults(opts: TrainOptions, device: torch.device, log: Callable[[st
 def default_lr(opts: TrainOptions) -> tuple[float, str]:
     """The learning rate a new run takes unless told, and why: by preset, and for the presets
     measured so, by where the model normalises."""
-    architecture = "decoder-only" if opts.task == "generate" else "encoder-decoder"
-    norm = preset(opts.preset, architecture=architecture, **(opts.config_overrides or {})).norm_position
+    norm = preset(opts.preset, architecture=architecture(opts.task), **(opts.config_overrides or {})).norm_position
     if norm == "post" and opts.preset in POST_NORM_LR:
         return POST_NORM_LR[opts.preset], f"the {opts.preset} preset's, post-norm"
     return PRESET_LR.get(opts.preset, 7e-4), f"the {opts.preset} preset's"
