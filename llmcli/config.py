@@ -387,4 +387,4 @@ def preset(name: str, **overrides) -> ModelConfig:
     fields.update(overrides)
     # A pre-norm stack needs the norm after its last layer; a post-norm one already ends in one.
     fields.setdefault("final_norm", fields.get("norm_position", "pre") != "post")
-    return ModelConfig(**fields)
+    return ModelConfig.from_dict(fields)

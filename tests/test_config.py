@@ -53,6 +53,8 @@ def test_invalid_fields_are_named(fields, message):
 def test_unknown_keys_and_bad_json_are_one_line_errors():
     with pytest.raises(UserError, match="unknown field.*colour"):
         ModelConfig.from_dict({"colour": "blue"})
+    with pytest.raises(UserError, match="unknown field.*colour"):  # what `llmcli train --set colour=1` gives
+        preset("small", colour=1)
     with pytest.raises(UserError, match="not valid JSON"):
         ModelConfig.from_json("{nope")
     with pytest.raises(UserError, match="expected a JSON object"):

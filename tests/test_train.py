@@ -244,6 +244,16 @@ def test_train_options_check_themselves_for_library_callers_and_the_cli(field, v
     assert result.exit_code == 2 and result.output.startswith(f"llmcli: error: {message}"), result.output
 
 
+@pytest.mark.parametrize(
+    "setting, message", [("colour=1", "unknown field(s) colour"), ("d_model=abc", "d_model='abc' should be of type int")]
+)
+def test_a_bad_set_is_one_line_before_anything_is_written(number_corpus, tmp_path, setting, message):
+    out = tmp_path / "m"
+    result = invoke(*train_args(number_corpus, out, "--max-steps", "2", "--set", setting))
+    assert result.exit_code == 2 and result.output == f"llmcli: error: config: {message}\n", result.output
+    assert not out.exists()
+
+
 def test_train_command_parameters_are_train_options_fields_with_their_defaults():
     params = {p.name: p for p in typer.main.get_command(app).commands["train"].params}
     fields = {f.name: f for f in dataclasses.fields(TrainOptions)}
