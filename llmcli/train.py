@@ -656,25 +656,30 @@ DEFAULT_BATCH_TOKENS = {"cpu": 2048, "cuda": 4096}
 def _chosen_defaults(opts: TrainOptions, device: torch.device, log: Callable[[str], None]) -> TrainOptions:
     """A new run's options left unset, filled in for this device, and said in the log."""
     chosen, why = {}, []
+    planned = planned_config(opts)
     if opts.lr is None:
-        chosen["lr"], reason = default_lr(opts)
+        chosen["lr"], reason = default_lr(opts, planned)
         why.append(f"learning rate {chosen['lr']:g} ({reason})")
     if opts.batch_tokens is None:
         chosen["batch_tokens"] = DEFAULT_BATCH_TOKENS.get(device.type, 4096)
         why.append(f"batches of {chosen['batch_tokens']} tokens ({device.type})")
     if opts.precision is None:
-        d_model = (opts.config_overrides or {}).get("d_model", PRESETS[opts.preset]["d_model"])
-        chosen["precision"], reason = training_precision(device, d_model if isinstance(d_model, int) else 0)
+        chosen["precision"], reason = training_precision(device, planned.d_model)
         why.append(f"{chosen['precision']}{' autocast' if chosen['precision'] != 'fp32' else ''} ({reason})")
     if why:
         log("chose " + ", ".join(why) + " (--lr, --batch-tokens, --precision to choose)")
     return dataclasses.replace(opts, **chosen)
 
 
-def default_lr(opts: TrainOptions) -> tuple[float, str]:
+def planned_config(opts: TrainOptions) -> ModelConfig:
+    """The model a new run will build, but for its vocabulary (not known before the tokenizer)."""
+    return preset(opts.preset, architecture=architecture(opts.task), **(opts.config_overrides or {}))
+
+
+def default_lr(opts: TrainOptions, planned: ModelConfig | None = None) -> tuple[float, str]:
     """The learning rate a new run takes unless told, and why: by preset, and for the presets
     measured so, by where the model normalises."""
-    norm = preset(opts.preset, architecture=architecture(opts.task), **(opts.config_overrides or {})).norm_position
+    norm = (planned or planned_config(opts)).norm_position
     if norm == "post" and opts.preset in POST_NORM_LR:
         return POST_NORM_LR[opts.preset], f"the {opts.preset} preset's, post-norm"
     return PRESET_LR.get(opts.preset, 7e-4), f"the {opts.preset} preset's"
