@@ -146,9 +146,23 @@ class TrainOptions:
             ("--accumulate", self.accumulate),
             ("--max-steps", self.max_steps),
             ("--valid-every", self.valid_every),
+            ("--save-every", self.save_every),
+            ("--patience", self.patience),
+            ("--block-size", self.block_size),
         ):
             if value is not None and value < 1:
                 raise UserError(f"{flag} must be at least 1")
+        if self.lr is not None and not (0 < self.lr < math.inf):
+            raise UserError(f"--lr must be more than 0, not {self.lr:g}")
+        for flag, value in (
+            ("--warmup", self.warmup_steps),
+            ("--clip-norm", self.clip_norm),  # 0: no clipping
+            ("--weight-decay", self.weight_decay),
+        ):
+            if value is not None and not (0 <= value < math.inf):
+                raise UserError(f"{flag} must be 0 or more, not {value:g}")
+        if not 0 <= self.label_smoothing < 1:
+            raise UserError(f"--label-smoothing must be at least 0 and less than 1, not {self.label_smoothing:g}")
         if self.keep_checkpoints < 0:
             raise UserError("--keep-checkpoints must be 0 (none) or more")
         if self.average is not None and self.average < 0:

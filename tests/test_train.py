@@ -234,13 +234,22 @@ def test_default_learning_rate_follows_the_normalisation():
         ("batch_tokens", 8, "--batch-tokens must be at least 16"),
         ("keep_checkpoints", -1, "--keep-checkpoints must be 0 (none) or more"),
         ("preset", "huge", "unknown --preset 'huge'"),
+        ("lr", -1, "--lr must be more than 0, not -1"),
+        ("lr", 0, "--lr must be more than 0, not 0"),
+        ("warmup_steps", -5, "--warmup must be 0 or more, not -5"),
+        ("clip_norm", -1, "--clip-norm must be 0 or more, not -1"),
+        ("weight_decay", -0.1, "--weight-decay must be 0 or more, not -0.1"),
+        ("label_smoothing", 1, "--label-smoothing must be at least 0 and less than 1, not 1"),
+        ("patience", 0, "--patience must be at least 1"),
+        ("block_size", 0, "--block-size must be at least 1"),
     ],
 )
 def test_train_options_check_themselves_for_library_callers_and_the_cli(field, value, message, tmp_path):
     with pytest.raises(UserError, match=re.escape(message)):
         TrainOptions(**{"task": "translate", "out": "x", field: value})
     # The last --task given wins.
-    result = invoke("train", "--task", "translate", "--out", str(tmp_path / "m"), "--" + field.replace("_", "-"), str(value))
+    flag = {"warmup_steps": "--warmup"}.get(field, "--" + field.replace("_", "-"))
+    result = invoke("train", "--task", "translate", "--out", str(tmp_path / "m"), flag, str(value))
     assert result.exit_code == 2 and result.output.startswith(f"llmcli: error: {message}"), result.output
 
 
