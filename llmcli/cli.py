@@ -474,7 +474,7 @@ def qa(
 @app.command()
 @handle_errors
 def generate(
-    prompt: str = typer.Argument(None, help="The text to continue (omit it with --input)."),
+    prompt: str = typer.Argument(None, help="The text to continue (omit it for --input, or for prompts one per line on stdin)."),
     model: str = MODEL,
     input: str = typer.Option(None, "--input", "-i", help="One prompt per line from this file ('-': stdin)."),
     max_new_tokens: int = typer.Option(100, help="Most new tokens per prompt."),
@@ -505,8 +505,13 @@ def generate(
     from llmcli.tasks import generate as run_generate
 
     _set_quiet(quiet)
-    if (prompt is None) == (input is None):
-        raise UserError("give either a PROMPT or --input FILE")
+    if prompt is not None and input is not None:
+        raise UserError("give either a PROMPT or --input FILE, not both")
+    if prompt is None and input is None:
+        # In a pipeline the prompts come one per line on stdin, as translate's sources do.
+        if sys.stdin is None or sys.stdin.isatty():
+            raise UserError("give a PROMPT, --input FILE, or prompts one per line on stdin")
+        input = "-"
     settings = DecodeSettings(sample=None if greedy is None else not greedy, temperature=temperature, top_k=top_k,
                               top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, on_long=on_long)  # fmt: skip
     if system is not None and not as_chat:

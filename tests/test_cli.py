@@ -231,6 +231,18 @@ def test_generate_input_file_one_line_per_prompt(tiny_lm, tmp_path):
     assert len(lines_of(result.stdout)) == 3
 
 
+def test_generate_without_a_prompt_reads_prompts_from_a_pipe(tiny_lm, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the cat\n\nnumber\n")
+    args = ["generate", "-m", str(tiny_lm), "--greedy", "--max-new-tokens", "6"]
+    piped = run_cli(*args, input=prompts.read_bytes())
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout.decode() == run_cli(*args, "--input", str(prompts)).stdout.decode()
+    assert len(piped.stdout.decode().splitlines()) == 3
+    both = run_cli(*args, "the cat", "--input", str(prompts))
+    assert both.returncode == 2 and both.stderr.decode() == "llmcli: error: give either a PROMPT or --input FILE, not both\n"
+
+
 def test_chat_reads_turns_and_commands(tiny_lm):
     proc = run_cli(
         "chat", "-m", str(tiny_lm), "--seed", "1", "--max-new-tokens", "10", input=b"the cat\n/reset\nnumber\n/exit\nignored\n"
