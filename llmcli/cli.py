@@ -604,6 +604,7 @@ def chat(
     Example: llmcli chat -m HuggingFaceTB/SmolLM2-135M-Instruct --system "Answer briefly."
     """
     from llmcli.device import resolve_device
+    from llmcli.io import iter_lines
     from llmcli.tasks import ChatSession, DecodeSettings, open_model
 
     _set_quiet(quiet)
@@ -616,15 +617,16 @@ def chat(
     if interactive and not quiet:
         print("chat: /system TEXT sets the system message, /reset forgets the conversation, /exit or Ctrl-D ends it",
               file=sys.stderr)  # fmt: skip
+    # Lines as every command reads them: bytes that are not UTF-8 become U+FFFD, with one warning.
+    lines = iter_lines("-")
     while True:
         if interactive:
             print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
-        if not line:  # Ctrl-D or end of input
+        message = next(lines, None)
+        if message is None:  # Ctrl-D or end of input
             if interactive:
                 print(file=sys.stderr)
             return
-        message = line.rstrip("\r\n")
         command = message.strip()
         if command == "/exit":
             return

@@ -32,6 +32,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -43,6 +44,7 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 from llmcli.errors import UserError
 from llmcli.io import atomic_write, read_text, settings, warn
 
+_SURROGATES = re.compile("[\ud800-\udfff]")
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0, 1, 2, 3 in every tokenizer we train
 BYTE_TOKENS = tuple(f"<0x{b:02X}>" for b in range(256))  # the names byte_fallback looks up
 SPACE_MARK = "\uff3f"  # see the module docstring
@@ -99,8 +101,17 @@ class Tokenizer:
         # control_tokens: text a chat template rendered spells its control tokens (<|im_start|>),
         # read as tokens as transformers' default does; otherwise they are plain text.
         self.hf.encode_special_tokens = not control_tokens
+        texts = list(texts)
         try:
-            encodings = self.hf.encode_batch_fast(list(texts), add_special_tokens=False)
+            encodings = self.hf.encode_batch_fast(texts, add_special_tokens=False)
+        except TypeError:
+            # tokenizers refuses a str holding lone surrogates: what Python makes of bytes that
+            # are not UTF-8 in a command-line argument. U+FFFD, as for such bytes in input lines.
+            cleaned = [_SURROGATES.sub("\ufffd", t) if isinstance(t, str) else t for t in texts]
+            if cleaned == texts:
+                raise
+            warn("invalid UTF-8 in the text replaced with U+FFFD")
+            encodings = self.hf.encode_batch_fast(cleaned, add_special_tokens=False)
         finally:
             self.hf.encode_special_tokens = True
         head = [self.bos_id] if add_bos else []

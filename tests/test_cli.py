@@ -251,6 +251,19 @@ def test_chat_reads_turns_and_commands(tiny_lm):
     assert len(proc.stdout.decode().splitlines()) == 2  # two replies; commands produce none
 
 
+def test_bytes_that_are_not_utf8_in_chat_input_or_a_prompt_argument_are_replaced_not_a_traceback(tiny_lm):
+    chat = run_cli("chat", "-m", str(tiny_lm), "--seed", "1", "--max-new-tokens", "4", input=b"the cat\n\xff\xfe dog\n")
+    assert chat.returncode == 0, chat.stderr
+    assert len(chat.stdout.decode().splitlines()) == 2
+    assert chat.stderr.decode() == "llmcli: warning: <stdin>:2: invalid UTF-8 replaced with U+FFFD (further lines not reported)\n"
+    # A command-line argument reaches Python as lone surrogates (surrogateescape); tokenizers refuses those.
+    prompt = run_cli("generate", "-m", str(tiny_lm), "the \udcff cat", "--greedy", "--max-new-tokens", "4")
+    assert prompt.returncode == 0, prompt.stderr
+    assert prompt.stderr.decode() == "llmcli: warning: invalid UTF-8 in the text replaced with U+FFFD\n"
+    same = run_cli("generate", "-m", str(tiny_lm), "the \ufffd cat", "--greedy", "--max-new-tokens", "4")
+    assert prompt.stdout == same.stdout
+
+
 def test_chat_refuses_an_encoder_decoder(tiny_model):
     proc = run_cli("chat", "-m", str(tiny_model), input=b"hi\n")
     assert proc.returncode == 2 and b"not chat" in proc.stderr
