@@ -222,6 +222,8 @@ def main() -> None:
         default=1,
         help="threads per system (default 1: on a shared machine more threads oversubscribe and time noise)",
     )
+    p.add_argument("--torch-reductions", action="store_true",
+                   help="also run each llmcli precision with torch's argmax and topk instead of llmcli.decoding's blocked ones")  # fmt: skip
     p.add_argument("--malloc-default", action="store_true",
                    help="leave glibc's malloc as it is; by default the process keeps freed memory for reuse, as llmcli's "
                         "commands do (llmcli.device.reuse_freed_memory): it applies to every system here")  # fmt: skip
@@ -260,6 +262,11 @@ def main() -> None:
                 rows = inputs(V, batch, 16, 24, banned) if family == "marian" else inputs(V, batch, 8, 16, banned)
                 for beam in (int(b) for b in args.beams.split(",")):
                     systems = {name: (lambda m=m: run_llmcli(m, rows, beam, args.new, eos)) for name, m in systems_made.items()}
+                    if args.torch_reductions:
+                        for name, m in systems_made.items():
+                            systems[f"{name}, torch's argmax/topk"] = lambda m=m: _with_torch_reductions(
+                                lambda: run_llmcli(m, rows, beam, args.new, eos)
+                            )
                     if not args.no_transformers:
                         systems["transformers"] = lambda: run_transformers(hf, rows, beam, args.new, eos)
                     for name, engine in engines.items():
@@ -287,6 +294,18 @@ def main() -> None:
           "tokens == transformers'" + ("" if ct2_types else "; ctranslate2 not installed (pip install ctranslate2 to compare)"))  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": info, "args": vars(args), "rows": rows_out}, indent=1))
+
+
+def _with_torch_reductions(fn):
+    """fn run with torch's own argmax and topk where llmcli.decoding uses its blocked ones."""
+    from llmcli import decoding
+
+    ours = decoding.argmax, decoding.topk
+    decoding.argmax, decoding.topk = (lambda x: x.argmax(-1)), (lambda x, k: tuple(x.topk(k, -1)))
+    try:
+        return fn()
+    finally:
+        decoding.argmax, decoding.topk = ours
 
 
 def _print_profile(name: str, fn, n: int) -> None:

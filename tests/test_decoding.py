@@ -5,8 +5,11 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llmcli.decoding import (
+    argmax,
     ban_repeated_ngrams,
     ban_tokens,
     beam_search,
@@ -16,6 +19,7 @@ from llmcli.decoding import (
     keep_top_p,
     penalize_repetition,
     sample,
+    topk,
 )
 
 INF = math.inf
@@ -547,3 +551,38 @@ def test_encoder_decoder_matches_hf(bart, beam):
     assert [h.tokens for h in flat] == hf_generated(hf.sequences, 1, BART_EOS)
     assert all(h.tokens[:1] == [BART_BOS] for h in flat)
     assert len({len(h.tokens) for h in flat}) > 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    rows=st.integers(1, 4),
+    width=st.one_of(st.integers(1, 700), st.integers(4000, 30000)),
+    k=st.integers(1, 12),
+    levels=st.sampled_from([0, 3, 1000]),  # 0: continuous scores; else rounded to so many steps: ties
+    n_inf=st.integers(0, 3),
+    n_nan=st.sampled_from([0, 0, 0, 1]),
+)
+def test_blocked_argmax_and_topk_are_torchs(seed, rows, width, k, levels, n_inf, n_nan):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(rows, width, generator=g)
+    if levels:
+        scores = (scores * levels).round() / levels
+    for value, count in ((-INF, n_inf), (math.nan, n_nan)):
+        for _ in range(count):
+            scores[torch.randint(rows, (1,), generator=g), torch.randint(width, (1,), generator=g)] = value
+    assert torch.equal(argmax(scores), scores.argmax(-1))
+    k = min(k, width)
+    values, indices = topk(scores, k)
+    expected = scores.topk(k, -1)
+    assert torch.equal(values.nan_to_num(nan=7.0), expected.values.nan_to_num(nan=7.0))
+    assert torch.equal(indices, expected.indices)
+
+
+def test_blocked_topk_and_argmax_find_the_best_in_the_tail_after_the_blocks():
+    scores = torch.randn(3, 20_000)
+    scores[1, 19_999] = 50.0  # in the tail after the last whole block
+    scores[2, :10_000] = -INF
+    values, indices = topk(scores, 8)
+    assert torch.equal(indices, scores.topk(8, -1).indices) and indices[1, 0] == 19_999
+    assert argmax(scores)[1] == 19_999
