@@ -111,12 +111,17 @@ def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
 
 class Kernel(NamedTuple):
     """One way to multiply by a linear layer's weight: `make` derives the weight it reads once
-    (None: it cannot take this weight), `multiply(x, derived, bias, activation)` runs each call."""
+    (None: it cannot take this weight), `multiply(x, derived, bias, activation)` runs each call.
+    A kernel that packs the bias with the weight (`make(weight, bias)`) is given no bias to multiply."""
 
     name: str  # the key of the derived weight in its module's __dict__
     accepts: Callable[[torch.Tensor, torch.dtype], bool]  # (x, the weight's dtype)
-    make: Callable[[torch.Tensor], object | None]
+    make: Callable[..., object | None]  # (weight) or, with packs_bias, (weight, bias or None)
     multiply: Callable[[torch.Tensor, object, torch.Tensor | None, str | None], torch.Tensor]
+    packs_bias: bool = False
+
+    def derive(self, weight: torch.Tensor, bias: torch.Tensor | None) -> object | None:
+        return self.make(weight, bias) if self.packs_bias else self.make(weight)
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor | None:
@@ -137,7 +142,8 @@ def _packed_multiply(x, packed, bias, activation):
 
 
 def _int8_multiply(x, made, bias, activation):
-    kind, packed, scale, tiles = made
+    # fbgemm adds the bias packed with the weight in its output stage: no pass of its own over y
+    kind, packed, scale, tiles, bias = made
     if kind == "fbgemm":
         if tiles is not None and tiles_are_faster(x.numel() // x.shape[-1], x.shape[-1], scale.numel()):
             packed = tiles
@@ -170,7 +176,7 @@ def _plain_multiply(x, weight, bias, activation):
 # The int8 and int4 packers sit below, with their layers' classes.
 PACKED = Kernel("_packed", lambda x, dtype: _onednn_enabled and x.dtype in _ONEDNN_DTYPES and x.dtype == dtype, _pack,
                 _packed_multiply)  # fmt: skip
-INT8 = Kernel("_int8", lambda x, dtype: x.dtype in _ONEDNN_DTYPES, lambda w: _int8_pack(w), _int8_multiply)
+INT8 = Kernel("_int8", lambda x, dtype: x.dtype in _ONEDNN_DTYPES, lambda w, b: _int8_pack(w, b), _int8_multiply, True)
 INT4 = Kernel("_int4", lambda x, dtype: True, lambda w: _int4_pack(w), _int4_multiply)
 PLAIN = Kernel("_plain", lambda x, dtype: True, _plain_make, _plain_multiply)
 
@@ -202,9 +208,11 @@ class PackedLinear(nn.Linear):
         if x.device.type == "cpu" and torch.is_inference_mode_enabled():
             for kernel in self.kernels:
                 if kernel.accepts(x, self.weight.dtype):
-                    made = _derived(self.__dict__, kernel.name, (self.weight,), lambda k=kernel: k.make(self.weight))
+                    packed_bias = kernel.packs_bias and self.bias is not None
+                    tensors = (self.weight, self.bias) if packed_bias else (self.weight,)
+                    made = _derived(self.__dict__, kernel.name, tensors, lambda k=kernel: k.derive(self.weight, self.bias))
                     if made is not None:
-                        return kernel.multiply(x, made, self.bias, self.fused_activation)
+                        return kernel.multiply(x, made, None if kernel.packs_bias else self.bias, self.fused_activation)
         return _activate(F.linear(x, self.weight, self.bias), self.fused_activation)
 
     def __getstate__(self) -> dict:
@@ -246,12 +254,17 @@ def tiles_are_faster(rows: int, inputs: int, outputs: int) -> bool:
     return rows >= INT8_TILES_MIN_ROWS and rows * inputs * outputs >= INT8_TILES_MIN_WORK
 
 
-def _int8_pack(weight: torch.Tensor) -> tuple[str, object, torch.Tensor, object | None]:
-    """(kind, packed weight, per-channel scale, oneDNN's packed weight or None)."""
+def _int8_pack(
+    weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> tuple[str, object, torch.Tensor, object | None, torch.Tensor | None]:
+    """(kind, packed weight, per-channel scale, oneDNN's packed weight or None, the bias where
+    the packed weights do not hold it)."""
     w = weight.detach().float()
+    bias = None if bias is None else bias.detach().float()
     scale = (w.abs().amax(1) / 127).clamp(min=1e-12)  # (N,) per output channel, symmetric
     if INT8_KERNEL == "weight-only":
-        return "weight-only", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale.to(torch.bfloat16), None
+        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        return "weight-only", q, scale.to(torch.bfloat16), None, bias
     with warnings.catch_warnings():  # torch deprecates quantized tensors: the fallback above is ready
         warnings.simplefilter("ignore", UserWarning)
         qweight = torch.quantize_per_channel(w, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
@@ -259,17 +272,17 @@ def _int8_pack(weight: torch.Tensor) -> tuple[str, object, torch.Tensor, object 
         engine = torch.backends.quantized.engine
         try:
             torch.backends.quantized.engine = "fbgemm"
-            packed = torch.ops.quantized.linear_prepack(qweight, None)  # bias: added by forward, it may change
+            packed = torch.ops.quantized.linear_prepack(qweight, bias)
             tiles = None
             if INT8_TILES and _memory_allows(w.numel()):
                 try:
                     torch.backends.quantized.engine = "onednn"
-                    tiles = torch.ops.quantized.linear_prepack(qweight, None)
+                    tiles = torch.ops.quantized.linear_prepack(qweight, bias)
                 except (RuntimeError, NotImplementedError):  # fbgemm's pack alone still serves
                     pass
         finally:
             torch.backends.quantized.engine = engine
-    return "fbgemm", packed, scale, tiles
+    return "fbgemm", packed, scale, tiles, None
 
 
 class Int4Linear(PackedLinear):
@@ -334,13 +347,13 @@ def fused_product(
         def make(kernel=kernel):
             if any(w.dtype != weights[0].dtype for w in weights) or not _memory_allows(sum(w.nbytes for w in weights)):
                 return None
-            derived = kernel.make(torch.cat([w.detach() for w in weights]))
-            if derived is None:
-                return None
             bias = None
             if any(b is not None for b in biases):
                 bias = torch.cat([b.detach() if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(weights, biases)])
-            return derived, bias
+            derived = kernel.derive(torch.cat([w.detach() for w in weights]), bias)
+            if derived is None:
+                return None
+            return derived, None if kernel.packs_bias else bias
 
         made = _derived(store, name + kernel.name, tensors, make)
         if made is not None:

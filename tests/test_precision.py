@@ -205,6 +205,24 @@ def test_auto_is_the_fastest_guarded_kind_of_the_cpu(flags, picked, monkeypatch)
     assert device.auto_precision(torch.device("cpu")) != "int8"
 
 
+def test_int8_bias_packed_with_the_weight_follows_changes_to_it():
+    """fbgemm adds the bias it was packed with, so a changed bias must make a new pack."""
+    torch.manual_seed(0)
+    layer = fast.Int8Linear(64, 96)
+    x = torch.randn(4, 64)
+    with torch.inference_mode():
+        before = layer(x)
+        assert _relative_error(before, torch.nn.functional.linear(x, layer.weight, layer.bias)) < TOLERANCE["int8"]
+    with torch.no_grad():
+        layer.bias.add_(1.0)  # in place, as load_state_dict does
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), before + 1.0, atol=1e-5, rtol=1e-5)
+    layer.bias = torch.nn.Parameter(layer.bias.detach() + 1.0)  # replaced
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), before + 2.0, atol=1e-5, rtol=1e-5)
+    assert "_int8" in layer.__dict__ and layer.__dict__["_int8"][2] is not None  # it ran the int8 kernel
+
+
 @pytest.mark.skipif(
     not device.FBGEMM_INT8 or "onednn" not in torch.backends.quantized.supported_engines, reason="needs torch's onednn engine"
 )
@@ -215,15 +233,16 @@ def test_int8_routes_large_products_to_amx_tiles_and_small_to_fbgemm(monkeypatch
     monkeypatch.setattr(fast, "INT8_TILES", True)
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(96, 64, generator=g)
-    kind, fbgemm, scale, tiles = fast._int8_pack(weight)
-    assert kind == "fbgemm" and tiles is not None
+    bias = torch.randn(96, generator=g)
+    kind, fbgemm, scale, tiles, kept_bias = fast._int8_pack(weight, bias)
+    assert kind == "fbgemm" and tiles is not None and kept_bias is None  # the bias is in both packs
     monkeypatch.setattr(fast, "INT8_TILES_MIN_WORK", 16 * 64 * 96)
     large, small = torch.randn(16, 64, generator=g), torch.randn(15, 64, generator=g)
-    for x, made in ((large, (kind, None, scale, tiles)), (small, (kind, fbgemm, scale, None))):
+    for x, made in ((large, (kind, None, scale, tiles, None)), (small, (kind, fbgemm, scale, None, None))):
         got = fast._int8_multiply(x, made, None, None)
-        assert _relative_error(got, x @ weight.T) < TOLERANCE["int8"]
+        assert _relative_error(got, x @ weight.T + bias) < TOLERANCE["int8"]
     with pytest.raises((RuntimeError, TypeError)):  # small products never take the tiles: a missing pack is noticed
-        fast._int8_multiply(small, (kind, None, scale, tiles), None, None)
+        fast._int8_multiply(small, (kind, None, scale, tiles, None), None, None)
 
 
 @pytest.mark.skipif(
