@@ -157,11 +157,14 @@ def train(
     ),
     lr: float = typer.Option(
         None,
-        help="Peak learning rate (default: 1.4e-3 for the post-norm small preset, 1e-3 for tiny and a decoder-only small, 7e-4 for base).",
+        help="Peak learning rate (default: for the post-norm small preset 2e-3 over a fifth of a run of 1,300 steps or more, else 1.4e-3; 1e-3 for tiny and a decoder-only small, 7e-4 for base).",
         show_default=False,
     ),
     warmup_steps: int = typer.Option(
-        None, "--warmup", help="Linear warmup steps (default: 400, or a tenth of the run if less).", show_default=False
+        None,
+        "--warmup",
+        help="Linear warmup steps (default: a tenth of the run, at most 400; the post-norm small preset's 2e-3 a fifth, at most 500).",
+        show_default=False,
     ),
     schedule: str = typer.Option(
         "linear",

@@ -95,6 +95,9 @@ class TrainOptions:
     accumulate: int | None = None
     lr: float | None = None  # None: the preset's (PRESET_LR)
     warmup_steps: int | None = None  # None: 400, or a tenth of the run's horizon if that is less
+    # "post-norm": lr and warmup by the run's length (POST_NORM_SCHEDULE), chosen with the rate
+    # when --lr is not given for the post-norm small preset. None: lr, and the warmup above.
+    schedule_rule: str | None = None
     # "linear": to zero at the run's horizon, max_steps or, with max_minutes, the steps the time
     # buys, estimated as the run goes (Progress.horizon): a fixed budget is best spent decaying to its end.
     schedule: Schedule = "linear"
@@ -236,22 +239,26 @@ class SilentReporter:
 
 
 def learning_rate(step: int, opts: TrainOptions, horizon: int | None = None) -> float:
-    """Linear warmup to opts.lr, then linear decay to zero at the horizon, inverse square root
-    (Vaswani et al.), cosine decay to 10% at the horizon, or constant. The horizon is max_steps
-    unless given (a time budget's estimate); the default warmup takes at most a tenth of it."""
+    """Linear warmup to the peak (opts.lr, or POST_NORM_SCHEDULE's), then linear decay to zero at
+    the horizon, inverse square root (Vaswani et al.), cosine decay to 10% at the horizon, or
+    constant. The horizon is max_steps unless given (a time budget's estimate); the default warmup
+    takes a tenth of it, at most 400 steps."""
     step = max(step, 1)
     horizon = max(min(horizon or opts.step_limit, opts.step_limit), 1)
-    warmup = max(opts.warmup_steps if opts.warmup_steps is not None else min(400, horizon // 10), 1)
+    peak, divisor, most = opts.lr, 10, 400
+    if opts.schedule_rule == "post-norm":
+        peak, divisor, most = next(rule[1:] for rule in POST_NORM_SCHEDULE if horizon >= rule[0])
+    warmup = max(opts.warmup_steps if opts.warmup_steps is not None else min(most, horizon // divisor), 1)
     if step <= warmup:
-        return opts.lr * step / warmup
+        return peak * step / warmup
     progress = min((step - warmup) / max(horizon - warmup, 1), 1.0)
     if opts.schedule == "linear":
-        return opts.lr * (1.0 - progress)
+        return peak * (1.0 - progress)
     if opts.schedule == "inverse_sqrt":
-        return opts.lr * math.sqrt(warmup / step)
+        return peak * math.sqrt(warmup / step)
     if opts.schedule == "cosine":
-        return opts.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-    return opts.lr
+        return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return peak
 
 
 def _autocast(precision: str, device: torch.device):
@@ -657,11 +664,18 @@ def train(opts: TrainOptions, reporter: Reporter | None = None, resume: bool = F
 # at the token budget 30 minutes of 2 CPU cores buy, replayed on a GPU by steps, BLEU on test2016:
 # 4096 tokens, lr 7e-4: 29.3; 4096, 1e-3: 30.6; 2048, 7e-4: 33.6; 2048, 1e-3: 34.8; 1024, 5e-4: 34.6.
 PRESET_LR = {"tiny": 1e-3, "small": 1e-3, "base": 7e-4}
-# Post-norm "small" (the encoder-decoder's) takes a higher rate: Multi30k en-de, 30 minutes, one
-# thread, side by side: validation loss 2.120 at lr 1.4e-3 against 1e-3's 2.247, BLEU 35.37 against
-# 34.24; on two threads 1.880 against 1.937 and the same BLEU. 2e-3 stalls. Pre-norm (decoder-only
-# "small") keeps 1e-3, where 2e-3 lost 6 BLEU.
-POST_NORM_LR = {"small": 1.4e-3}
+# Post-norm "small" (the encoder-decoder's) takes a higher rate than pre-norm, with a longer warmup
+# where the run is long enough. Multi30k en-de, 30 minutes, one thread (about 1,300 steps), side by
+# side (bench/README.md, "Recipe search"): 1e-3 over a tenth of the run 34.24 BLEU; 1.4e-3 over a
+# tenth 35.37 and 34.73; 1.7e-3 or 2e-3 over a tenth, and 1.4e-3 over a twentieth, stall
+# (validation loss stuck near 4); 2e-3 over a fifth 35.64. On two threads (2,250-2,500 steps), one
+# after the other: 1.4e-3 over a tenth 37.19, 2e-3 over 500 steps 38.00. A 10-minute run (240
+# steps) learned faster at 1.4e-3 over a tenth than at a third of 2e-3 over a fifth; 2e-3 in runs
+# under 1,300 steps was not measured, so they keep 1.4e-3. Pre-norm (decoder-only "small") keeps
+# 1e-3, where 2e-3 lost 6 BLEU.
+POST_NORM_LR = {"small": 2e-3}
+# (from this many steps in the run, peak rate, warmup a 1/N of the run, at most so many steps)
+POST_NORM_SCHEDULE = ((1300, 2e-3, 5, 500), (0, 1.4e-3, 10, 400))
 # A CPU's products run as fast per token at 2048 tokens as at 4096, so the smaller batch gives twice
 # the steps for the same time; a GPU's run faster the larger they are.
 DEFAULT_BATCH_TOKENS = {"cpu": 2048, "cuda": 4096}
@@ -674,6 +688,12 @@ def _chosen_defaults(opts: TrainOptions, device: torch.device, log: Callable[[st
     if opts.lr is None:
         chosen["lr"], reason = default_lr(opts, planned)
         why.append(f"learning rate {chosen['lr']:g} ({reason})")
+        if planned.norm_position == "post" and opts.preset in POST_NORM_LR:  # as default_lr decides
+            chosen["schedule_rule"] = "post-norm"
+            why[-1] = (
+                "learning rate 0.002 warming up over a fifth of the run (at most 500 steps) where the run makes "
+                "1,300 steps or more, else 0.0014 over a tenth (the small preset's, post-norm)"
+            )
     if opts.batch_tokens is None:
         chosen["batch_tokens"] = DEFAULT_BATCH_TOKENS.get(device.type, 4096)
         why.append(f"batches of {chosen['batch_tokens']} tokens ({device.type})")

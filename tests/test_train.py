@@ -19,7 +19,7 @@ from llmcli.config import PRESETS
 from llmcli.data import make_batches
 from llmcli.device import cpu_has_bf16
 from llmcli.errors import UserError
-from llmcli.train import POST_NORM_LR, PRESET_LR, TrainOptions, default_lr, learning_rate
+from llmcli.train import POST_NORM_LR, PRESET_LR, TrainOptions, _chosen_defaults, default_lr, learning_rate
 
 runner = CliRunner()
 
@@ -209,6 +209,31 @@ def test_learning_rate_schedule():
     default = TrainOptions(task="translate", out="x", lr=1e-3, max_steps=100000)
     assert learning_rate(200, default) == pytest.approx(5e-4)
     assert learning_rate(20, default, horizon=400) == pytest.approx(5e-4)
+
+
+def test_post_norm_schedule_goes_by_the_length_of_the_run():
+    opts = TrainOptions(task="translate", out="x", lr=2e-3, max_steps=100000, schedule_rule="post-norm")
+    # 1,300 steps or more (30 one-thread minutes): 2e-3 over a fifth, at most 500 steps.
+    assert learning_rate(130, opts, horizon=1300) == pytest.approx(1e-3)
+    assert learning_rate(260, opts, horizon=1300) == pytest.approx(2e-3)
+    assert learning_rate(250, opts, horizon=20000) == pytest.approx(1e-3)
+    assert learning_rate(500, opts, horizon=20000) == pytest.approx(2e-3)
+    # Shorter runs: the measured 1.4e-3 over a tenth.
+    assert learning_rate(43, opts, horizon=430) == pytest.approx(1.4e-3)
+    assert learning_rate(20, opts, horizon=430) == pytest.approx(1.4e-3 * 20 / 43)
+    # A warmup the user gives is kept; the peak still goes by the run's length.
+    assert learning_rate(100, dataclasses.replace(opts, warmup_steps=100), horizon=430) == pytest.approx(1.4e-3)
+    assert learning_rate(100, dataclasses.replace(opts, warmup_steps=100), horizon=5000) == pytest.approx(2e-3)
+
+
+def test_a_default_post_norm_run_takes_the_rule_and_says_so():
+    said = []
+    cpu = torch.device("cpu")
+    chosen = _chosen_defaults(TrainOptions(task="translate", out="x", preset="small"), cpu, said.append)
+    assert (chosen.lr, chosen.schedule_rule) == (2e-3, "post-norm")
+    assert "learning rate 0.002 warming up over a fifth of the run (at most 500 steps) where the run makes 1,300" in said[0]
+    for opts in (TrainOptions(task="generate", out="x"), TrainOptions(task="translate", out="x", lr=1e-3)):
+        assert _chosen_defaults(opts, cpu, said.append).schedule_rule is None  # pre-norm, or a rate the user chose
 
 
 def test_default_learning_rate_follows_the_normalisation():
