@@ -673,9 +673,10 @@ PRESET_LR = {"tiny": 1e-3, "small": 1e-3, "base": 7e-4}
 # steps) learned faster at 1.4e-3 over a tenth than at a third of 2e-3 over a fifth; 2e-3 in runs
 # under 1,300 steps was not measured, so they keep 1.4e-3. Pre-norm (decoder-only "small") keeps
 # 1e-3, where 2e-3 lost 6 BLEU.
-POST_NORM_LR = {"small": 2e-3}
 # (from this many steps in the run, peak rate, warmup a 1/N of the run, at most so many steps)
 POST_NORM_SCHEDULE = ((1300, 2e-3, 5, 500), (0, 1.4e-3, 10, 400))
+POST_NORM_LR = {"small": POST_NORM_SCHEDULE[0][1]}  # the presets that take the schedule, at its peak
+_PARTS = {5: "fifth", 10: "tenth"}
 # A CPU's products run as fast per token at 2048 tokens as at 4096, so the smaller batch gives twice
 # the steps for the same time; a GPU's run faster the larger they are.
 DEFAULT_BATCH_TOKENS = {"cpu": 2048, "cuda": 4096}
@@ -686,14 +687,14 @@ def _chosen_defaults(opts: TrainOptions, device: torch.device, log: Callable[[st
     chosen, why = {}, []
     planned = planned_config(opts)
     if opts.lr is None:
-        chosen["lr"], reason = default_lr(opts, planned)
-        why.append(f"learning rate {chosen['lr']:g} ({reason})")
-        if planned.norm_position == "post" and opts.preset in POST_NORM_LR:  # as default_lr decides
-            chosen["schedule_rule"] = "post-norm"
-            why[-1] = (
-                "learning rate 0.002 warming up over a fifth of the run (at most 500 steps) where the run makes "
-                "1,300 steps or more, else 0.0014 over a tenth (the small preset's, post-norm)"
-            )
+        chosen["lr"], reason, chosen["schedule_rule"] = default_lr(opts, planned)
+        if chosen["schedule_rule"] == "post-norm":
+            (steps, peak, part, most), (_, short_peak, short_part, _) = POST_NORM_SCHEDULE
+            why.append(f"learning rate {peak:g} warming up over a {_PARTS[part]} of the run (at most {most} steps) "
+                       f"where the run makes {steps:,} steps or more, else {short_peak:g} over a {_PARTS[short_part]} "
+                       f"({reason})")  # fmt: skip
+        else:
+            why.append(f"learning rate {chosen['lr']:g} ({reason})")
     if opts.batch_tokens is None:
         chosen["batch_tokens"] = DEFAULT_BATCH_TOKENS.get(device.type, 4096)
         why.append(f"batches of {chosen['batch_tokens']} tokens ({device.type})")
@@ -710,13 +711,13 @@ def planned_config(opts: TrainOptions) -> ModelConfig:
     return preset(opts.preset, architecture=architecture(opts.task), **(opts.config_overrides or {}))
 
 
-def default_lr(opts: TrainOptions, planned: ModelConfig | None = None) -> tuple[float, str]:
-    """The learning rate a new run takes unless told, and why: by preset, and for the presets
-    measured so, by where the model normalises."""
+def default_lr(opts: TrainOptions, planned: ModelConfig | None = None) -> tuple[float, str, str | None]:
+    """The learning rate a new run takes unless told, why, and its schedule rule: by preset, and
+    for the presets measured so, by where the model normalises (post-norm: POST_NORM_SCHEDULE)."""
     norm = (planned or planned_config(opts)).norm_position
     if norm == "post" and opts.preset in POST_NORM_LR:
-        return POST_NORM_LR[opts.preset], f"the {opts.preset} preset's, post-norm"
-    return PRESET_LR.get(opts.preset, 7e-4), f"the {opts.preset} preset's"
+        return POST_NORM_LR[opts.preset], f"the {opts.preset} preset's, post-norm", "post-norm"
+    return PRESET_LR.get(opts.preset, 7e-4), f"the {opts.preset} preset's", None
 
 
 def _resumed_options(opts: TrainOptions, saved: dict, world: World, log: Callable[[str], None]) -> TrainOptions:
