@@ -88,7 +88,16 @@ def _train(model_dir: Path, data_dir: Path, max_minutes: float, reporter, seed: 
     return train(options, reporter).steps
 
 
-def _score(model_dir: Path, data_dir: Path) -> tuple[list[str], list[str], list[str], float, float]:
+@dataclass
+class _Scored:
+    english: list[str]
+    chinese: list[str]
+    outputs: list[str]
+    exact_match: float
+    chrf: float
+
+
+def _score(model_dir: Path, data_dir: Path) -> _Scored:
     from llmcli import metrics
     from llmcli.tasks import DecodeSettings, open_model, seq2seq
 
@@ -96,7 +105,8 @@ def _score(model_dir: Path, data_dir: Path) -> tuple[list[str], list[str], list[
     english = (data_dir / "test.en").read_text(encoding="utf-8").splitlines()
     chinese = (data_dir / "test.zh").read_text(encoding="utf-8").splitlines()
     outputs = [o.text for o in seq2seq(loaded, english, DecodeSettings(beam_size=1, max_len=32))]
-    return english, chinese, outputs, metrics.exact(outputs, [chinese])["score"], metrics.chrf(outputs, [chinese])["score"]
+    exact, chrf = metrics.exact(outputs, [chinese])["score"], metrics.chrf(outputs, [chinese])["score"]
+    return _Scored(english, chinese, outputs, exact, chrf)
 
 
 def run_demo(retrain: bool = False, max_minutes: float = 3.0, reporter=None, seed: int = 1) -> DemoResult:
@@ -110,10 +120,10 @@ def run_demo(retrain: bool = False, max_minutes: float = 3.0, reporter=None, see
         short = stopped_short(model_dir)
         # A cached model cut off by its time budget (a busy or slow machine) is not the demo's
         # model: train again rather than show its mistakes on every run.
-        if short is not None and scored[3] < GOOD_EXACT_MATCH:
+        if short is not None and scored.exact_match < GOOD_EXACT_MATCH:
             log(
                 f"the cached demo model stopped at step {short[0]} of {short[1]} when its time ran out and gets "
-                f"{scored[3]:.1f}% exact match: training it again"
+                f"{scored.exact_match:.1f}% exact match: training it again"
             )
             retrain, scored = True, None
     if retrain or not is_model_dir(model_dir):
@@ -125,11 +135,11 @@ def run_demo(retrain: bool = False, max_minutes: float = 3.0, reporter=None, see
             log(
                 f"the --max-minutes {max_minutes:g} budget ran out at step {steps} of {DEMO_STEPS} (a busy or slow "
                 f"machine?): --max-minutes {2 * max_minutes:g} gives it longer"
-                + ("; the next `llmcli demo` trains again" if scored[3] < GOOD_EXACT_MATCH else "")
+                + ("; the next `llmcli demo` trains again" if scored.exact_match < GOOD_EXACT_MATCH else "")
             )
-    english, chinese, outputs, exact, chrf = scored
+    english, chinese, outputs = scored.english, scored.chinese, scored.outputs
     picks = [0, 1, 2, 3, 4]
     # Show the first mistake too, if the shown examples hold none: an honest sample.
     wrong = [i for i, (o, r) in enumerate(zip(outputs, chinese)) if o != r and i not in picks][:1]
     examples = [(english[i], chinese[i], outputs[i]) for i in picks + wrong]
-    return DemoResult(model_dir, data_dir, trained, seconds, steps, examples, exact, chrf, len(english))
+    return DemoResult(model_dir, data_dir, trained, seconds, steps, examples, scored.exact_match, scored.chrf, len(english))
