@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from llmcli.errors import UserError
 from llmcli.tasks import DecodeSettings, open_model, seq2seq
 
 
@@ -67,7 +68,10 @@ def main() -> None:
     parser.add_argument("--beam", type=int, default=4)
     parser.add_argument("--length-penalty", type=float, default=1.0)
     args = parser.parse_args()
-    ensemble = open_ensemble(args.model)
+    try:
+        ensemble = open_ensemble(args.model)
+    except UserError as error:  # a missing or broken model: llmcli's one line, not a traceback
+        sys.exit(f"ensemble.py: {error}")
     lines = Path(args.source).read_text(encoding="utf-8").splitlines()
     settings = DecodeSettings(beam_size=args.beam, length_penalty=args.length_penalty)
     with torch.inference_mode():

@@ -36,3 +36,9 @@ def test_models_of_different_tokenizers_are_refused(tiny_model, number_corpus, t
     result = ensemble("-m", str(tiny_model), "-m", str(other), str(number_corpus / "valid.en"))
     assert result.returncode != 0
     assert "its tokenizer differs" in result.stderr
+
+
+def test_a_missing_model_is_one_line(tiny_model, number_corpus, tmp_path):
+    result = ensemble("-m", str(tiny_model), "-m", str(tmp_path / "nowhere"), str(number_corpus / "valid.en"))
+    assert result.returncode != 0
+    assert result.stderr.strip() == f"ensemble.py: {tmp_path / 'nowhere'}: no such model directory"
