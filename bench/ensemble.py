@@ -52,11 +52,11 @@ class Ensemble:
 def open_ensemble(paths: list[str]):
     loaded = [open_model(p, "translate") for p in paths]
     first = Path(paths[0])
-    for path, other in zip(paths[1:], loaded[1:]):
+    for path, item in zip(paths, loaded):
+        if item.config.architecture != "encoder-decoder" or item.config.vocab_size != loaded[0].config.vocab_size:
+            sys.exit(f"ensemble.py: {path}: not an encoder-decoder of {first}'s vocabulary size")
         if (Path(path) / "tokenizer.json").read_bytes() != (first / "tokenizer.json").read_bytes():
             sys.exit(f"ensemble.py: {path}: its tokenizer differs from {first}'s; ensemble models of one vocabulary")
-        if other.config.architecture != "encoder-decoder" or other.config.vocab_size != loaded[0].config.vocab_size:
-            sys.exit(f"ensemble.py: {path}: not an encoder-decoder of {first}'s vocabulary")
     return dataclasses.replace(loaded[0], model=Ensemble([item.model for item in loaded]))
 
 
@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("source", help="one source sentence a line")
     parser.add_argument("-o", "--output", help="default: stdout")
     parser.add_argument("--beam", type=int, default=4)
-    parser.add_argument("--length-penalty", type=float, default=1.0)
+    parser.add_argument("--length-penalty", type=float, help="default: the first model's, as `llmcli translate`")
     args = parser.parse_args()
     try:
         ensemble = open_ensemble(args.model)

@@ -9,7 +9,6 @@ demo's aim: then the next run trains again.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from llmcli import demo_data
 from llmcli.checkpoint import is_model_dir
+from llmcli.errors import UserError
 from llmcli.io import atomic_write, cache_root
 from llmcli.models import DEMO_NAME
 
@@ -53,10 +53,12 @@ def write_corpus(data_dir: Path) -> None:
 def stopped_short(model_dir: Path) -> tuple[int, int] | None:
     """(steps made, steps planned) when the run that trained `model_dir` ended before its
     planned steps (its time budget ran out first), else None (finished, or no record of it)."""
+    from llmcli.train import load_train_state
+
     try:
-        state = json.loads((model_dir / "train_state" / "state.json").read_text(encoding="utf-8"))
+        state = load_train_state(model_dir)
         made, planned = int(state["progress"]["step"]), int(state["options"]["max_steps"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (UserError, OSError, ValueError, KeyError, TypeError):
         return None
     return (made, planned) if made < planned else None
 
