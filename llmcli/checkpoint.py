@@ -32,6 +32,9 @@ WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"  # the shared tokenizer, or the target side's
 SOURCE_TOKENIZER_FILE = "source_tokenizer.json"  # only when source and target vocabularies differ
 GENERATION_FILE = "generation.json"  # the task and decoding defaults
+# An ensemble directory holds this instead of a model: {"members": ["members/1", ...]}, each a model
+# directory inside it, decoded together (llmcli.ensemble).
+ENSEMBLE_FILE = "ensemble.json"
 
 
 @dataclass
@@ -227,11 +230,40 @@ def is_model_dir(path: str | Path) -> bool:
     return (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
 
 
+def ensemble_members(directory: str | Path) -> list[Path] | None:
+    """The model directories an ensemble directory lists, in order; None where `directory` is not one."""
+    directory = Path(directory)
+    path = directory / ENSEMBLE_FILE
+    if not path.is_file() or (directory / CONFIG_FILE).exists():
+        return None
+    try:
+        names = json.loads(path.read_text(encoding="utf-8"))["members"]
+        if not (isinstance(names, list) and names and all(isinstance(n, str) and n for n in names)):
+            raise ValueError
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise UserError(f'{path}: not an llmcli ensemble file ({{"members": ["members/1", ...]}})') from None
+    root = directory.resolve()
+    members = [directory / name for name in names]
+    for member in members:
+        if not member.resolve().is_relative_to(root):
+            raise UserError(f"{path}: member {member} is outside the ensemble directory")
+    return members
+
+
+def write_ensemble(directory: str | Path, members: list[str]) -> None:
+    """Name `members` (paths relative to `directory`) as the ensemble `directory` is."""
+    with atomic_write(Path(directory) / ENSEMBLE_FILE) as f:
+        f.write(json.dumps({"members": members}, indent=2) + "\n")
+
+
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """An llmcli model directory (hub.resolve turns what `-m` names into one)."""
     directory = Path(directory)
     if not directory.exists():
         raise UserError(f"{directory}: no such model directory")
+    if (members := ensemble_members(directory)) is not None:
+        raise UserError(f"{directory} is an ensemble of {len(members)} models ({ENSEMBLE_FILE}): translate, summarize "
+                        f"and qa decode it whole; for this command name one of them, as {members[0]}")  # fmt: skip
     if not directory.is_dir():
         raise UserError(f"{directory}: a model is a directory (config.json, model.safetensors, tokenizer.json), not a file")
     for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE):

@@ -120,7 +120,11 @@ QUIET = typer.Option(False, "--quiet", "-q", help="No progress or log lines on s
 @app.command()
 @handle_errors
 def train(
-    task: str = typer.Option(..., help="translate | summarize | qa (encoder-decoder) or generate (decoder-only)."),
+    task: str = typer.Option(
+        None,
+        help="translate | summarize | qa (encoder-decoder) or generate (decoder-only); required but with --resume.",
+        show_default=False,
+    ),
     out: str = typer.Option(None, "--out", "-o", help="Model directory to write (required unless --resume)."),
     src: str = typer.Option(None, help="Source text, one example per line (translate, summarize)."),
     tgt: str = typer.Option(None, help="Target text, line-aligned with --src."),
@@ -208,6 +212,11 @@ def train(
     resume: str = typer.Option(
         None, help="Continue the run in this directory exactly where it stopped (on any number of processes)."
     ),
+    ensemble: int = typer.Option(
+        None,
+        help="Train N models side by side, each on 1/N of the CPU threads, into one directory that translate, summarize and qa decode together (default: 2 for translate on a CPU of 2 or more threads with --max-minutes, else 1).",
+        show_default=False,
+    ),
     quiet: bool = QUIET,
 ) -> None:
     """Train a model (and its tokenizer) from your own text files.
@@ -218,12 +227,16 @@ def train(
     # The parameters are TrainOptions fields of the same names (TrainOptions checks them),
     # but for the command's own nproc, resume and quiet.
     fields = dict(locals())
-    del fields["nproc"], fields["resume"], fields["quiet"]
+    del fields["nproc"], fields["resume"], fields["quiet"], fields["ensemble"]
     from llmcli import distributed
 
     if nproc is not None and nproc < 1:
         raise UserError("--nproc must be at least 1")
+    if ensemble is not None and ensemble < 1:
+        raise UserError("--ensemble must be at least 1")
     if nproc is not None and nproc > 1:
+        if ensemble is not None and ensemble > 1:
+            raise UserError("--ensemble trains its models on this machine's CPU threads; leave out --nproc")
         if distributed.world_from_env().distributed:
             raise UserError("--nproc starts torchrun; under torchrun leave it out")
         if "train" not in sys.argv[1:]:
@@ -232,6 +245,7 @@ def train(
     world = distributed.world_from_env()
     quiet = quiet or not world.is_main  # one process reports: rank 0
     _set_quiet(quiet)
+    from llmcli import train_ensemble
     from llmcli.progress import TrainReporter
     from llmcli.train import TrainOptions
     from llmcli.train import train as run_training
@@ -240,7 +254,22 @@ def train(
     try:
         # --resume DIR is the run's --out.
         fields.update(out=resume or out, config_overrides=_parse_overrides(config_overrides or []))
-        result = run_training(TrainOptions(**fields), reporter, resume=resume is not None)
+        if task is None:  # --resume takes the run's own, whatever is given
+            if resume is None:
+                raise UserError("--task is required: translate, summarize, qa or generate")
+            fields["task"] = train_ensemble.resumed_task(resume)
+        opts = TrainOptions(**fields)
+        size, why = (ensemble, "--ensemble") if ensemble is not None else train_ensemble.auto_size(opts)
+        if resume is not None and train_ensemble.is_ensemble_run(resume):
+            results = train_ensemble.train_ensemble(opts, 0, functools.partial(TrainReporter, quiet=quiet), resume=True)
+        elif resume is None and size > 1:
+            if world.distributed:
+                raise UserError("--ensemble trains its models on this machine's CPU threads; not under torchrun")
+            if ensemble is None:
+                reporter.log(f"chose {why}")
+            results = train_ensemble.train_ensemble(opts, size, functools.partial(TrainReporter, quiet=quiet))
+        else:
+            results = [run_training(opts, reporter, resume=resume is not None)]
     except UserError as e:
         if not world.distributed:
             raise
@@ -263,11 +292,17 @@ def train(
         if world.is_main and not distributed.launched_by_llmcli():
             raise
         raise typer.Exit(143) from None
-    summary = f"trained {result.steps} steps in {result.elapsed:.0f}s ({result.tokens_per_second:,.0f} target tokens/s)"
-    if result.valid_loss is not None:
-        summary += f", best validation loss {result.valid_loss:.4f} (perplexity {result.valid_perplexity:.2f})"
-    reporter.log(summary)
-    reporter.log(f"model saved in {result.out}")
+    for result in results:
+        summary = f"trained {result.steps} steps in {result.elapsed:.0f}s ({result.tokens_per_second:,.0f} target tokens/s)"
+        if result.valid_loss is not None:
+            summary += f", best validation loss {result.valid_loss:.4f} (perplexity {result.valid_perplexity:.2f})"
+        reporter.log(summary + (f": {result.out}" if len(results) > 1 else ""))
+    if len(results) > 1:
+        reporter.log(
+            f"ensemble of {len(results)} models saved in {fields['out']} (translate, summarize and qa decode them together)"
+        )
+    else:
+        reporter.log(f"model saved in {results[0].out}")
 
 
 MODEL = typer.Option(
@@ -275,6 +310,13 @@ MODEL = typer.Option(
     "--model",
     "-m",
     help="Model: an llmcli directory, a Hugging Face directory or model id (default: $LLMCLI_MODEL, else `llmcli models default TASK`; translate: the demo model).",
+    show_default=False,
+)
+MODELS = typer.Option(
+    None,
+    "--model",
+    "-m",
+    help="Model: an llmcli directory, a Hugging Face directory or model id (default: $LLMCLI_MODEL, else `llmcli models default TASK`; translate: the demo model). Repeat it to decode encoder-decoders of one tokenizer together (an ensemble: the mean of their probabilities).",
     show_default=False,
 )
 DEVICE = typer.Option("auto", help="auto | cpu | cuda | cuda:N.")
@@ -361,7 +403,7 @@ def _seq2seq_command(task, files, model, device, precision, quiet, fmt, output, 
 @handle_errors
 def translate(
     files: list[str] = typer.Argument(None, help="Input files, one sentence per line ('-' or none: stdin)."),
-    model: str = MODEL,
+    model: list[str] = MODELS,
     beam: int = BEAM,
     n_best: int = N_BEST,
     length_penalty: float = typer.Option(None, help="Beam score = log-prob / length**alpha (default 1)."),
@@ -402,7 +444,7 @@ def translate(
 @handle_errors
 def summarize(
     files: list[str] = typer.Argument(None, help="Input files, one document per line ('-' or none: stdin)."),
-    model: str = MODEL,
+    model: list[str] = MODELS,
     beam: int = BEAM,
     n_best: int = N_BEST,
     length_penalty: float = typer.Option(None, help="Beam score = log-prob / length**alpha (default 1; higher: longer)."),
@@ -437,7 +479,7 @@ def summarize(
 @handle_errors
 def qa(
     file: str = typer.Argument(None, help="JSONL with question and context per line, or SQuAD json ('-' or none: stdin)."),
-    model: str = MODEL,
+    model: list[str] = MODELS,
     question: str = typer.Option(None, help="One question (with --context-file) instead of a JSONL input."),
     context_file: str = typer.Option(None, help="The context for --question."),
     beam: int = BEAM,

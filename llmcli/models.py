@@ -107,12 +107,12 @@ def store_default(task: str, model: str | None) -> str | None:
 
 def _checked_spec(model: str) -> str:
     from llmcli import hub
-    from llmcli.checkpoint import is_model_dir
+    from llmcli.checkpoint import ensemble_members, is_model_dir
 
     path = Path(model).expanduser()
     if path.exists():
-        if not (is_model_dir(path) or hub.find_hf_model(str(path)) is not None):
-            raise UserError(f"{model}: not a model directory (config.json and model.safetensors)")
+        if not (is_model_dir(path) or ensemble_members(path) or hub.find_hf_model(str(path)) is not None):
+            raise UserError(f"{model}: not a model directory (config.json and model.safetensors, or ensemble.json)")
         return str(path.resolve())
     if hub.looks_like_model_id(model) and hub.find_in_cache(model) is not None:
         return model

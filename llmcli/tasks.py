@@ -13,15 +13,17 @@ import math
 import string
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 
 from llmcli import decoding, fast, hub, models
 from llmcli.cache import PAD_TOKEN
-from llmcli.checkpoint import LoadedModel, load_model
+from llmcli.checkpoint import LoadedModel, ensemble_members, load_model
 from llmcli.data import IGNORE_INDEX, pad_rows
 from llmcli.device import resolve_precision, reuse_freed_memory
+from llmcli.ensemble import Ensemble
 from llmcli.errors import UserError
 from llmcli.io import warn
 from llmcli.qa_data import qa_source
@@ -135,22 +137,56 @@ class Output:
 EMPTY = Output([""], [0.0])
 
 
-def open_model(path: str, task: str | None = None, device: str = "cpu", precision: str = "fp32") -> LoadedModel:
+def open_model(
+    path: str | list[str] | None, task: str | None = None, device: str = "cpu", precision: str = "fp32"
+) -> LoadedModel:
     """What `-m` names (llmcli or Hugging Face directory, model id), loaded; for `task`, checked
-    to run it and prepared for inference (llmcli.fast) at `precision` (fp32 bf16 int8 int4 auto)."""
+    to run it and prepared for inference (llmcli.fast) at `precision` (fp32 bf16 int8 int4 auto).
+    Several models, or an ensemble directory (checkpoint.ENSEMBLE_FILE), load as one `Ensemble`."""
     precision = resolve_precision(precision, torch.device(device))  # before loading: a bad name costs nothing
-    path = models.model_for(task, path)  # -m left out: $LLMCLI_MODEL, the stored default, the demo
-    loaded = load_model(hub.resolve(path), device=device)
+    given = [path] if path is None or isinstance(path, str) else list(path) or [None]
+    specs = [models.model_for(task, spec) for spec in given]  # -m left out: $LLMCLI_MODEL, the stored default, the demo
+    directories = []
+    for spec in specs:
+        directory = hub.resolve(spec)
+        directories += ensemble_members(directory) or [directory]
+    if len(directories) == 1:
+        loaded = load_model(directories[0], device=device)
+    else:
+        loaded = _load_ensemble(directories, device, specs[0] if len(specs) == 1 else None)
     if task is None:
         return loaded
     allowed = TASKS_BY_ARCHITECTURE[loaded.config.architecture]
     if task not in allowed:
         raise UserError(
-            f"{path} is {'an' if loaded.config.architecture[0] in 'aeiou' else 'a'} {loaded.config.architecture} model; it runs {', '.join(allowed)}, not {task}"
+            f"{' + '.join(specs)} is {'an' if loaded.config.architecture[0] in 'aeiou' else 'a'} {loaded.config.architecture} model; it runs {', '.join(allowed)}, not {task}"
         )
     fast.prepare(loaded.model, precision)
     reuse_freed_memory()  # each decoding step makes and frees tensors of the same sizes
     return loaded
+
+
+# What the members of an ensemble must share to decode as one: its ids, positions and vocabulary.
+_ENSEMBLE_SHARED = ("vocab_size", "output_vocab_size", "max_positions", "pad_id", "bos_id", "eos_id", "start_id")
+
+
+def _load_ensemble(directories: list, device: str, directory: str | None) -> LoadedModel:
+    members = [load_model(d, device=device) for d in directories]
+    first = members[0]
+    for d, member in zip(directories, members):
+        if member.config.architecture != "encoder-decoder":
+            raise UserError(f"{d}: {member.config.architecture} models do not ensemble; an ensemble is of encoder-decoders")
+        differs = [f for f in _ENSEMBLE_SHARED if getattr(member.config, f) != getattr(first.config, f)]
+        differs += ["generation.json"] if member.generation != first.generation else []
+        differs += [
+            "tokenizer" for a, b in ((member.tokenizer, first.tokenizer), (member.source_tokenizer, first.source_tokenizer))
+            if a.hf.to_str() != b.hf.to_str()
+        ][:1]  # fmt: skip
+        if differs:
+            verb = "differs" if len(differs) == 1 else "differ"
+            raise UserError(f"{d}: its {', '.join(differs)} {verb} from {directories[0]}'s; an ensemble's models share them")
+    path = Path(directory) if directory is not None else None
+    return dataclasses.replace(first, model=Ensemble([m.model for m in members]), path=path)
 
 
 def _chunks(items: Iterable, size: int) -> Iterator[list]:
@@ -722,6 +758,7 @@ def describe(loaded: LoadedModel) -> dict:
         "path": str(loaded.path),
         "architecture": cfg.architecture,
         "parameters": loaded.model.num_parameters(),
+        **({"members": len(loaded.model.members)} if isinstance(loaded.model, Ensemble) else {}),
         "d_model": cfg.d_model,
         "layers": {"encoder": cfg.n_encoder_layers, "decoder": cfg.n_decoder_layers},
         "heads": cfg.n_heads,

@@ -291,9 +291,9 @@ def test_a_bad_set_is_one_line_before_anything_is_written(number_corpus, tmp_pat
 def test_train_command_parameters_are_train_options_fields_with_their_defaults():
     params = {p.name: p for p in typer.main.get_command(app).commands["train"].params}
     fields = {f.name: f for f in dataclasses.fields(TrainOptions)}
-    options = set(params) - {"nproc", "resume", "quiet"}  # the command's own
+    options = set(params) - {"nproc", "resume", "quiet", "ensemble"}  # the command's own
     assert options <= set(fields)
-    for name in options - {"task", "out"}:  # required (out: unless --resume)
+    for name in options - {"task", "out"}:  # required (unless --resume)
         assert params[name].default == fields[name].default, name
 
 
@@ -329,7 +329,8 @@ def test_a_time_budget_sets_the_schedule_horizon_and_the_run_fits_it(number_corp
     out = tmp_path / "m"
     valid = ("--valid-src", str(number_corpus / "valid.en"), "--valid-tgt", str(number_corpus / "valid.zh"))
     started = time.monotonic()
-    result = invoke(*train_args(number_corpus, out, "--max-minutes", "0.15", "--max-steps", "100000", *valid))
+    args = ("--max-minutes", "0.15", "--max-steps", "100000", "--ensemble", "1", *valid)  # one model's schedule
+    result = invoke(*train_args(number_corpus, out, *args))
     seconds = time.monotonic() - started
     assert result.exit_code == 0, result.output
     state = json.loads((out / "train_state" / "state.json").read_text())
