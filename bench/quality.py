@@ -118,7 +118,8 @@ class Task:
         cmd = llmcli("train", *task_args, "--out", out, "--max-minutes", self.args.minutes)
         cmd += shlex.split(self.args.extra_train_args)
         log = self.work / "train.log"
-        if self.args.reuse and (out / "config.json").is_file() and log.is_file():
+        trained = (out / "config.json").is_file() or (out / "ensemble.json").is_file()
+        if self.args.reuse and trained and log.is_file():
             print(f"[{self.name}] reusing {out} (--reuse)", file=sys.stderr, flush=True)
             self.train = parse_train_log(log.read_text(encoding="utf-8"), out)
             self.train["reused"] = str(out)
@@ -164,6 +165,17 @@ def parse_train_log(stderr: str, out: Path) -> dict:
         if m["loss"]:
             found.update(best_valid_loss=float(m["loss"]), best_valid_perplexity=float(m["ppl"]))
     found["validations"] = [[int(s), float(loss)] for s, loss, _ in VALID_LINE.findall(stderr)]
+    ensemble = out / "ensemble.json"  # `llmcli train --ensemble N` (llmcli/train_ensemble.py): each member's run
+    members = [out / m for m in json.loads(ensemble.read_text(encoding="utf-8"))["members"]] if ensemble.is_file() else [out]
+    runs = [_run_record(member) for member in members]
+    found.update(runs[0])  # one model's, or the first member's
+    if len(runs) > 1:
+        found["members"] = [{"path": str(m), **r} for m, r in zip(members, runs)]
+    return found
+
+
+def _run_record(out: Path) -> dict:
+    found = {}
     state = out / "train_state" / "state.json"
     if state.is_file():
         progress = json.loads(state.read_text(encoding="utf-8"))["progress"]
@@ -242,16 +254,19 @@ def translation(name: str, data: Path, work: Path, args: argparse.Namespace) -> 
 
 
 def learning_curve(task: Task, model: Path, source: Path, ref: Path) -> None:
-    """Every --curve-th kept save translates the first test set: BLEU against minutes of training."""
+    """Every --curve-th kept save translates the first test set: BLEU against minutes of training.
+    An ensemble's members save at the same times: their n-th saves decode together."""
     seconds = {entry["step"]: entry["seconds"] for entry in task.train.get("curve", []) if "seconds" in entry}
-    saves = sorted((model / "checkpoints").glob("step-*"))
+    members = [Path(m["path"]) for m in task.train.get("members", [])] or [model]
+    saves = list(zip(*(sorted((member / "checkpoints").glob("step-*")) for member in members)))
     if not saves:  # --reuse of a model trained without --curve
-        print(f"[{task.name}] --curve: no saves kept in {model / 'checkpoints'}", file=sys.stderr, flush=True)
+        print(f"[{task.name}] --curve: no saves kept in {members[0] / 'checkpoints'}", file=sys.stderr, flush=True)
     options, precision = task.precisions()[0]
-    for save in saves[task.args.curve - 1 :: task.args.curve]:
-        step = int(save.name.split("-")[1])
-        hyp = task.work / f"{TEST_SETS[0]}.{save.name}.hyp"
-        task.call(llmcli("translate", "-m", save, source, "-o", hyp, "-q", *task.decode_options(), *options))
+    for together in saves[task.args.curve - 1 :: task.args.curve]:
+        step = int(together[0].name.split("-")[1])  # the first member's (its curve gives the minutes)
+        hyp = task.work / f"{TEST_SETS[0]}.{together[0].name}.hyp"
+        models = [arg for save in together for arg in ("-m", save)]
+        task.call(llmcli("translate", *models, source, "-o", hyp, "-q", *task.decode_options(), *options))
         minutes = seconds[step] / 60 if step in seconds else None
         system = f"save at step {step}" + (f", {minutes:.1f} min" if minutes is not None else "")
         task.score("bleu", hyp, ref, TEST_SETS[0], system=system, curve_step=step, curve_minutes=minutes,
