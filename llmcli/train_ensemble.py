@@ -189,12 +189,16 @@ def _stop(processes: list, how: signal.Signals) -> None:
     for process in processes:
         if process.is_alive():
             os.kill(process.pid, how)
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C would leave a save half done
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C would leave a save half done
+    except ValueError:  # not the main thread (a library caller's): signals are not ours to set
+        previous = None
     try:
         for process in processes:
             process.join()
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _member(opts: TrainOptions, threads: int, reporter_factory, resume: bool, result) -> None:
