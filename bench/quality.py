@@ -165,8 +165,9 @@ def parse_train_log(stderr: str, out: Path) -> dict:
         if m["loss"]:
             found.update(best_valid_loss=float(m["loss"]), best_valid_perplexity=float(m["ppl"]))
     found["validations"] = [[int(s), float(loss)] for s, loss, _ in VALID_LINE.findall(stderr)]
-    ensemble = out / "ensemble.json"  # `llmcli train --ensemble N` (llmcli/train_ensemble.py): each member's run
-    members = [out / m for m in json.loads(ensemble.read_text(encoding="utf-8"))["members"]] if ensemble.is_file() else [out]
+    from llmcli.checkpoint import ensemble_members
+
+    members = ensemble_members(out) or [out]  # `llmcli train --ensemble N` (llmcli/train_ensemble.py): each member's run
     runs = [_run_record(member) for member in members]
     found.update(runs[0])  # one model's, or the first member's
     if len(runs) > 1:
