@@ -15,6 +15,8 @@ en-de (three pairs) and 1.0 en-fr.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import multiprocessing
 import multiprocessing.connection
@@ -140,13 +142,16 @@ def _run_members(
     for i, job in enumerate(jobs):
         receive, send = context.Pipe(duplex=False)
         factory = reporter_factory if i == 0 else SilentReporter
-        process = context.Process(target=_member, args=(job, threads, factory, resume, send), name=f"member {i + 1}")
+        process = context.Process(
+            target=_member, args=(job, threads, factory, resume, send, os.getpid()), name=f"member {i + 1}"
+        )
         process.start()
         send.close()
         pipes.append(receive)
         processes.append(process)
     try:
-        outcomes = _wait(processes, pipes)
+        with _suspended_together(processes):
+            outcomes = _wait(processes, pipes)
     except KeyboardInterrupt:  # each member saves its state, then stops
         _stop(processes, signal.SIGINT)
         warn(f"resume the whole ensemble with: llmcli train --resume {out}")
@@ -201,14 +206,66 @@ def _stop(processes: list, how: signal.Signals) -> None:
             signal.signal(signal.SIGINT, previous)
 
 
-def _member(opts: TrainOptions, threads: int, reporter_factory, resume: bool, result) -> None:
+@contextlib.contextmanager
+def _suspended_together(processes: list):
+    """Ctrl-Z (SIGTSTP) reaches the terminal's foreground group, the parent alone: stop the members
+    with it, and continue them when it is continued (fg, bg)."""
+    if not hasattr(signal, "SIGTSTP"):
+        yield
+        return
+
+    def members(how: signal.Signals) -> None:
+        for process in processes:
+            if process.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, how)
+
+    def suspend(signum, frame) -> None:
+        members(signal.SIGSTOP)
+        signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTSTP)  # stops here until SIGCONT
+        signal.signal(signal.SIGTSTP, suspend)
+        members(signal.SIGCONT)
+
+    def resume(signum, frame) -> None:  # `kill -CONT` of a parent stopped by SIGSTOP
+        members(signal.SIGCONT)
+
+    try:
+        previous = signal.signal(signal.SIGTSTP, suspend), signal.signal(signal.SIGCONT, resume)
+    except ValueError:  # not the main thread (a library caller's): signals are not ours to set
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTSTP, previous[0])
+        signal.signal(signal.SIGCONT, previous[1])
+
+
+def _stop_with_parent(parent: int) -> None:
+    """Members run in their own process group, so a parent killed outright (SIGKILL, out of memory)
+    would leave them training: ask Linux for a SIGINT at the parent's death (prctl
+    PR_SET_PDEATHSIG), on which a member saves its state and stops, as on Ctrl-C."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGINT), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: nothing to ask for
+        return
+    if os.getppid() != parent:  # the parent died before the request was made
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+def _member(opts: TrainOptions, threads: int, reporter_factory, resume: bool, result, parent: int) -> None:
     """One member's run, in its own process."""
     if hasattr(os, "setpgrp"):
         os.setpgrp()  # a Ctrl-C at the terminal reaches the parent, which passes it on once
     torch.set_num_threads(threads)
     try:
-        result.send(("done", train(opts, reporter_factory(), resume=resume)))
+        _stop_with_parent(parent)
+        outcome = ("done", train(opts, reporter_factory(), resume=resume))
     except UserError as error:
-        result.send(("error", str(error).splitlines()[0] if str(error) else "UserError"))
+        outcome = ("error", str(error).splitlines()[0] if str(error) else "UserError")
     except KeyboardInterrupt:
-        result.send(("interrupted", None))
+        outcome = ("interrupted", None)
+    with contextlib.suppress(OSError):  # a parent that died reads nothing
+        result.send(outcome)

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -215,6 +216,85 @@ def test_ctrl_c_stops_every_member_resumably(number_corpus, tmp_path):
     resumed = invoke("train", "--resume", out, "--max-steps", str(max(steps) + 2), "--quiet")
     assert resumed.exit_code == 0, resumed.output
     assert [_state(m)["progress"]["step"] for m in checkpoint.ensemble_members(out)] == [max(steps) + 2] * 2
+
+
+def _start_ensemble_training(number_corpus, out):
+    """`llmcli train --ensemble 2` in a process of its own, returned once its members train."""
+    args = [a for a in train_args(number_corpus, out, "--ensemble", "2", "--max-steps", "100000") if a != "--quiet"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmcli", *args], stderr=subprocess.PIPE, stdout=subprocess.PIPE, preexec_fn=sigint_default
+    )
+    deadline = time.monotonic() + 120
+    seen = b""
+    while b"parameters" not in seen and time.monotonic() < deadline:
+        seen += proc.stderr.readline()
+    time.sleep(2)  # a few steps in
+    return proc
+
+
+def _children(pid):
+    """(pid, state letter) of the processes whose parent is `pid`, from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # it exited meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.append((int(stat.parent.name), fields[0]))
+    return found
+
+
+def _wait_for(condition, seconds=60):
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return condition()
+
+
+def _alive(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux's")
+def test_members_of_a_killed_parent_save_and_stop(number_corpus, tmp_path):
+    out = tmp_path / "ens"
+    proc = _start_ensemble_training(number_corpus, out)
+    members = [pid for pid, _ in _children(proc.pid) if (Path(f"/proc/{pid}/cmdline").read_bytes().find(b"spawn") >= 0)]
+    assert len(members) == 2
+    proc.kill()  # SIGKILL: the parent can pass nothing on
+    proc.communicate(timeout=60)
+    assert _wait_for(lambda: not any(_alive(pid) for pid in members)), "members still training after their parent died"
+    steps = [_state(m)["progress"]["step"] for m in checkpoint.ensemble_members(out)]
+    assert all(step >= 1 for step in steps)
+    resumed = invoke("train", "--resume", out, "--max-steps", str(max(steps) + 2), "--quiet")
+    assert resumed.exit_code == 0, resumed.output
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads process states from /proc")
+def test_ctrl_z_stops_and_fg_continues_the_members_with_the_parent(number_corpus, tmp_path):
+    proc = _start_ensemble_training(number_corpus, tmp_path / "ens")
+    members = [pid for pid, _ in _children(proc.pid) if (Path(f"/proc/{pid}/cmdline").read_bytes().find(b"spawn") >= 0)]
+    assert len(members) == 2
+
+    def states():
+        return {state for pid, state in _children(proc.pid) if pid in members}
+
+    try:
+        proc.send_signal(signal.SIGTSTP)  # what Ctrl-Z sends, to the parent's group: the parent alone
+        assert _wait_for(lambda: states() == {"T"}), states()
+        steps = [_state(m)["progress"]["step"] for m in checkpoint.ensemble_members(tmp_path / "ens")]
+        proc.send_signal(signal.SIGCONT)  # fg
+        assert _wait_for(lambda: "T" not in states()), states()
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()
+    assert steps  # the state was readable while stopped
 
 
 def test_an_ensemble_directory_can_be_the_stored_default(tiny_model, number_corpus, tmp_path):
