@@ -142,9 +142,7 @@ def _run_members(
     for i, job in enumerate(jobs):
         receive, send = context.Pipe(duplex=False)
         factory = reporter_factory if i == 0 else SilentReporter
-        process = context.Process(
-            target=_member, args=(job, threads, factory, resume, send, os.getpid()), name=f"member {i + 1}"
-        )
+        process = context.Process(target=_member, args=(job, threads, factory, resume, send, os.getpid()), name=f"member {i + 1}")
         process.start()
         send.close()
         pipes.append(receive)
