@@ -749,8 +749,8 @@ def list_models(ctx: typer.Context, json_: bool = typer.Option(False, "--json", 
         print("llmcli: no models here yet: `llmcli demo` trains one, `llmcli convert` or -m ID brings a Hugging Face model", file=sys.stderr)  # fmt: skip
         return
     rows = [("kind", "tasks", "architecture", "parameters", "default for", "model")]
-    rows += [(e.kind, ", ".join(e.tasks), e.architecture or "-", human_count(e.parameters), ", ".join(e.default_for),
-              e.model) for e in found]  # fmt: skip
+    rows += [(e.kind, ", ".join(e.tasks), (e.architecture or "-") + (f" x{e.members}" if e.members > 1 else ""),
+              human_count(e.parameters), ", ".join(e.default_for), e.model) for e in found]  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         cells = [cell.rjust(w) if i == 3 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))]

@@ -166,11 +166,12 @@ class FoundModel:
     parameters: int | None = None
     default_for: list[str] = field(default_factory=list)
     path: Path | None = None
+    members: int = 1  # an ensemble directory's models, decoded together
 
     def to_dict(self) -> dict:
         return {"model": self.model, "kind": self.kind, "architecture": self.architecture, "task": self.task,
                 "tasks": self.tasks, "parameters": self.parameters, "default_for": self.default_for,
-                "path": str(self.path) if self.path else None}  # fmt: skip
+                "path": str(self.path) if self.path else None, "members": self.members}  # fmt: skip
 
 
 def find_models(tasks_by_architecture: Mapping[str, Sequence[str]]) -> list[FoundModel]:
@@ -221,14 +222,35 @@ def _model_dirs(folder: Path, depth: int) -> Iterator[Path]:
 
 
 def _default_dirs(defaults: dict[str, str]) -> Iterator[FoundModel]:
-    from llmcli.checkpoint import is_model_dir
+    from llmcli.checkpoint import ensemble_members, is_model_dir
 
     for spec in dict.fromkeys(defaults.values()):
         path = Path(spec)
-        if path.is_absolute() and is_model_dir(path):
+        if not path.is_absolute():
+            continue
+        if is_model_dir(path):
             entry = _describe_llmcli_dir(path, "default")
-            if entry is not None:
-                yield entry
+        else:
+            try:
+                members = ensemble_members(path)
+            except UserError:  # a broken ensemble.json: using it says so
+                members = None
+            entry = _describe_ensemble(path, members) if members else None
+        if entry is not None:
+            yield entry
+
+
+def _describe_ensemble(path: Path, members: list[Path]) -> FoundModel | None:
+    """An ensemble directory as its first member, with every member's parameters."""
+    from llmcli.checkpoint import WEIGHTS_FILE
+
+    first = _describe_llmcli_dir(members[0], "default")
+    if first is None:
+        return None
+    counts = [_count_parameters([m / WEIGHTS_FILE]) for m in members]
+    first.model, first.path, first.members = str(path), path, len(members)
+    first.parameters = sum(counts) if None not in counts else None
+    return first
 
 
 def _describe_llmcli_dir(path: Path, kind: str) -> FoundModel | None:

@@ -2,6 +2,7 @@
 trains N models side by side into one directory that translate decodes whole, and resumes them."""
 
 import json
+import math
 import shutil
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import safetensors
 import torch
 from conftest import TINY_FIELDS, train_args
 from typer.testing import CliRunner
@@ -301,3 +303,9 @@ def test_an_ensemble_directory_can_be_the_stored_default(tiny_model, number_corp
     out = _ensemble_dir(tiny_model, tmp_path)
     assert invoke("models", "default", "translate", out).exit_code == 0
     assert translate(number_corpus / "valid.en").stdout == translate("-m", tiny_model, number_corpus / "valid.en").stdout
+    listed = [json.loads(line) for line in invoke("models", "--json").stdout.splitlines()]
+    entry = next(e for e in listed if e["model"] == str(out.resolve()))
+    with safetensors.safe_open(Path(tiny_model) / "model.safetensors", "pt") as f:
+        one = sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    assert (entry["members"], entry["default_for"], entry["parameters"]) == (2, ["translate"], 2 * one)
+    assert "encoder-decoder x2" in invoke("models").stdout
