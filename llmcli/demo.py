@@ -118,7 +118,12 @@ def run_demo(retrain: bool = False, max_minutes: float = 3.0, reporter=None, see
     write_corpus(data_dir)
     trained, seconds, steps, scored = False, 0.0, 0, None
     if not retrain and is_model_dir(model_dir):
-        scored = _score(model_dir, data_dir)
+        try:
+            scored = _score(model_dir, data_dir)
+        except UserError as error:  # the cache is ours to rebuild: a damaged copy is no reason to stop
+            log(f"the cached demo model cannot be used ({str(error).splitlines()[0]}): training it again")
+            retrain = True
+    if scored is not None:
         short = stopped_short(model_dir)
         # A cached model cut off by its time budget (a busy or slow machine) is not the demo's
         # model: train again rather than show its mistakes on every run.

@@ -50,3 +50,15 @@ def test_stopped_short_without_a_training_record_is_none(tmp_path):
     (tmp_path / "train_state").mkdir()
     (tmp_path / "train_state" / "state.json").write_text("{not json")
     assert stopped_short(tmp_path) is None
+
+
+def test_a_damaged_cached_demo_model_is_trained_again(monkeypatch):
+    monkeypatch.setattr(demo_data, "splits", functools.partial(demo_data.splits, n_train=300, n_valid=10, n_test=10))
+    first = run_demo(max_minutes=0.005)
+    weights = first.model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # cut short, as by a full disk or a copy stopped halfway
+    log = Logged()
+    second = run_demo(max_minutes=0.005, reporter=log)
+    assert second.trained
+    assert any("cannot be used" in m and "training it again" in m for m in log.messages), log.messages
+    assert len(weights.read_bytes()) > 1000
