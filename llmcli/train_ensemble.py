@@ -148,8 +148,7 @@ def _run_members(
         pipes.append(receive)
         processes.append(process)
     try:
-        with _suspended_together(processes):
-            outcomes = _wait(processes, pipes)
+        outcomes = _wait(processes, pipes)
     except KeyboardInterrupt:  # each member saves its state, then stops
         _stop(processes, signal.SIGINT)
         warn(f"resume the whole ensemble with: llmcli train --resume {out}")
@@ -202,42 +201,6 @@ def _stop(processes: list, how: signal.Signals) -> None:
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
-
-
-@contextlib.contextmanager
-def _suspended_together(processes: list):
-    """Ctrl-Z (SIGTSTP) reaches the terminal's foreground group, the parent alone: stop the members
-    with it, and continue them when it is continued (fg, bg)."""
-    if not hasattr(signal, "SIGTSTP"):
-        yield
-        return
-
-    def members(how: signal.Signals) -> None:
-        for process in processes:
-            if process.is_alive():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(process.pid, how)
-
-    def suspend(signum, frame) -> None:
-        members(signal.SIGSTOP)
-        signal.signal(signal.SIGTSTP, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTSTP)  # stops here until SIGCONT
-        signal.signal(signal.SIGTSTP, suspend)
-        members(signal.SIGCONT)
-
-    def resume(signum, frame) -> None:  # `kill -CONT` of a parent stopped by SIGSTOP
-        members(signal.SIGCONT)
-
-    try:
-        previous = signal.signal(signal.SIGTSTP, suspend), signal.signal(signal.SIGCONT, resume)
-    except ValueError:  # not the main thread (a library caller's): signals are not ours to set
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTSTP, previous[0])
-        signal.signal(signal.SIGCONT, previous[1])
 
 
 def _stop_with_parent(parent: int) -> None:

@@ -1,8 +1,10 @@
 """Ensembles: `-m A -m B` decodes the mean of the models' probabilities; `llmcli train --ensemble N`
 trains N models side by side into one directory that translate decodes whole, and resumes them."""
 
+import contextlib
 import json
 import math
+import os
 import shutil
 import signal
 import subprocess
@@ -268,35 +270,17 @@ def test_members_of_a_killed_parent_save_and_stop(number_corpus, tmp_path):
     members = [pid for pid, _ in _children(proc.pid) if (Path(f"/proc/{pid}/cmdline").read_bytes().find(b"spawn") >= 0)]
     assert len(members) == 2
     proc.kill()  # SIGKILL: the parent can pass nothing on
-    proc.communicate(timeout=60)
-    assert _wait_for(lambda: not any(_alive(pid) for pid in members)), "members still training after their parent died"
+    try:
+        proc.communicate(timeout=60)
+        assert _wait_for(lambda: not any(_alive(pid) for pid in members)), "members still training after their parent died"
+    finally:  # no orphans left to slow the tests after, whatever happened
+        for pid in members:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     steps = [_state(m)["progress"]["step"] for m in checkpoint.ensemble_members(out)]
     assert all(step >= 1 for step in steps)
     resumed = invoke("train", "--resume", out, "--max-steps", str(max(steps) + 2), "--quiet")
     assert resumed.exit_code == 0, resumed.output
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads process states from /proc")
-def test_ctrl_z_stops_and_fg_continues_the_members_with_the_parent(number_corpus, tmp_path):
-    proc = _start_ensemble_training(number_corpus, tmp_path / "ens")
-    members = [pid for pid, _ in _children(proc.pid) if (Path(f"/proc/{pid}/cmdline").read_bytes().find(b"spawn") >= 0)]
-    assert len(members) == 2
-
-    def states():
-        return {state for pid, state in _children(proc.pid) if pid in members}
-
-    try:
-        proc.send_signal(signal.SIGTSTP)  # what Ctrl-Z sends, to the parent's group: the parent alone
-        assert _wait_for(lambda: states() == {"T"}), states()
-        steps = [_state(m)["progress"]["step"] for m in checkpoint.ensemble_members(tmp_path / "ens")]
-        proc.send_signal(signal.SIGCONT)  # fg
-        assert _wait_for(lambda: "T" not in states()), states()
-    finally:
-        proc.send_signal(signal.SIGCONT)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err.decode()
-    assert steps  # the state was readable while stopped
 
 
 def test_an_ensemble_directory_can_be_the_stored_default(tiny_model, number_corpus, tmp_path):
