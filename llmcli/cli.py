@@ -305,18 +305,14 @@ def train(
         reporter.log(f"model saved in {results[0].out}")
 
 
-MODEL = typer.Option(
-    None,
-    "--model",
-    "-m",
-    help="Model: an llmcli directory, a Hugging Face directory or model id (default: $LLMCLI_MODEL, else `llmcli models default TASK`; translate: the demo model).",
-    show_default=False,
-)
+MODEL_HELP = "Model: an llmcli directory, a Hugging Face directory or model id (default: $LLMCLI_MODEL, else `llmcli models default TASK`; translate: the demo model)."
+MODEL = typer.Option(None, "--model", "-m", help=MODEL_HELP, show_default=False)
 MODELS = typer.Option(
     None,
     "--model",
     "-m",
-    help="Model: an llmcli directory, a Hugging Face directory or model id (default: $LLMCLI_MODEL, else `llmcli models default TASK`; translate: the demo model). Repeat it to decode encoder-decoders of one tokenizer together (an ensemble: the mean of their probabilities).",
+    help=MODEL_HELP
+    + " Repeat it to decode encoder-decoders of one tokenizer together (an ensemble: the mean of their probabilities).",
     show_default=False,
 )
 DEVICE = typer.Option("auto", help="auto | cpu | cuda | cuda:N.")

@@ -247,7 +247,7 @@ def _describe_ensemble(path: Path, members: list[Path]) -> FoundModel | None:
     first = _describe_llmcli_dir(members[0], "default")
     if first is None:
         return None
-    counts = [_count_parameters([m / WEIGHTS_FILE]) for m in members]
+    counts = [first.parameters] + [_count_parameters([m / WEIGHTS_FILE]) for m in members[1:]]
     first.model, first.path, first.members = str(path), path, len(members)
     first.parameters = sum(counts) if None not in counts else None
     return first

@@ -199,29 +199,6 @@ def sigint_default():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def test_ctrl_c_stops_every_member_resumably(number_corpus, tmp_path):
-    out = tmp_path / "ens"
-    args = [a for a in train_args(number_corpus, out, "--ensemble", "2", "--max-steps", "100000") if a != "--quiet"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llmcli", *args], stderr=subprocess.PIPE, stdout=subprocess.PIPE, preexec_fn=sigint_default
-    )
-    deadline = time.monotonic() + 120
-    seen = b""
-    while b"parameters" not in seen and time.monotonic() < deadline:
-        seen += proc.stderr.readline()
-    time.sleep(2)  # a few steps in
-    proc.send_signal(signal.SIGINT)  # to the parent alone: it passes it on
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err.decode()
-    assert b"Traceback" not in err
-    assert f"resume the whole ensemble with: llmcli train --resume {out}".encode() in err
-    steps = [_state(m)["progress"]["step"] for m in checkpoint.ensemble_members(out)]
-    assert all(step >= 1 for step in steps)
-    resumed = invoke("train", "--resume", out, "--max-steps", str(max(steps) + 2), "--quiet")
-    assert resumed.exit_code == 0, resumed.output
-    assert [_state(m)["progress"]["step"] for m in checkpoint.ensemble_members(out)] == [max(steps) + 2] * 2
-
-
 def _start_ensemble_training(number_corpus, out):
     """`llmcli train --ensemble 2` in a process of its own, returned once its members train."""
     args = [a for a in train_args(number_corpus, out, "--ensemble", "2", "--max-steps", "100000") if a != "--quiet"]
@@ -234,6 +211,21 @@ def _start_ensemble_training(number_corpus, out):
         seen += proc.stderr.readline()
     time.sleep(2)  # a few steps in
     return proc
+
+
+def test_ctrl_c_stops_every_member_resumably(number_corpus, tmp_path):
+    out = tmp_path / "ens"
+    proc = _start_ensemble_training(number_corpus, out)
+    proc.send_signal(signal.SIGINT)  # to the parent alone: it passes it on
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()
+    assert b"Traceback" not in err
+    assert f"resume the whole ensemble with: llmcli train --resume {out}".encode() in err
+    steps = [_state(m)["progress"]["step"] for m in checkpoint.ensemble_members(out)]
+    assert all(step >= 1 for step in steps)
+    resumed = invoke("train", "--resume", out, "--max-steps", str(max(steps) + 2), "--quiet")
+    assert resumed.exit_code == 0, resumed.output
+    assert [_state(m)["progress"]["step"] for m in checkpoint.ensemble_members(out)] == [max(steps) + 2] * 2
 
 
 def _children(pid):
