@@ -24,6 +24,8 @@ def test_presets_are_valid(name):
 
 def test_the_recipes_preset_is_post_norm_unless_set():
     assert (preset("small").norm_position, preset("small").final_norm) == ("post", False)
+    # rotary positions in both stacks of the recipe's model; the demo's keeps sinusoids
+    assert (preset("small").positions, preset("tiny").positions) == ("rope", "sinusoidal")
     assert (preset("small", norm_position="pre").norm_position, preset("small", norm_position="pre").final_norm) == ("pre", True)
     assert preset("tiny", norm_position="post").final_norm is False  # a post-norm stack ends in a norm already
     assert preset("tiny", norm_position="post", final_norm=True).final_norm is True
