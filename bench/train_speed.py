@@ -130,7 +130,9 @@ def main() -> None:
     facts = precision_facts()  # what `llmcli info` says of this CPU
     print(f"# {facts['cpu']}; flags: {' '.join(facts['cpu flags'])}; torch {torch.__version__} ({facts['torch cpu']}), "
           f"{torch.get_num_threads()} threads; freed memory kept for reuse: {'yes' if reused else 'no'}")  # fmt: skip
-    cfg = preset(args.preset, vocab_size=args.vocab, max_positions=256)
+    # sinusoids, as MarianMTModel has, so that both models do the same arithmetic (the small
+    # preset's own rotary positions cost no measurable time: bench/README.md, "Rotary positions")
+    cfg = preset(args.preset, vocab_size=args.vocab, max_positions=256, positions="sinusoidal")
     data, source = batches(args.vocab, args.batch_tokens, args.steps + 1)
     n_params = sum(p.numel() for p in Transformer(cfg).parameters())
     print(f"preset {args.preset} ({n_params / 1e6:.1f}M parameters), {source}, batch {args.batch_tokens} tokens, "

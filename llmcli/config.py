@@ -372,7 +372,13 @@ _FROM_SCRATCH = dict(scale_embeddings=True, dropout=0.1)
 PRESETS: dict[str, dict] = {
     "tiny": dict(d_model=128, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, d_ff=512, **_FROM_SCRATCH),
     "small": dict(
-        d_model=256, n_heads=4, n_encoder_layers=3, n_decoder_layers=3, d_ff=1024, **_FROM_SCRATCH, norm_position="post",
+        d_model=256,
+        n_heads=4,
+        n_encoder_layers=3,
+        n_decoder_layers=3,
+        d_ff=1024,
+        **_FROM_SCRATCH,
+        norm_position="post",
         positions="rope",
     ),
     "base": dict(d_model=512, n_heads=8, n_encoder_layers=6, n_decoder_layers=6, d_ff=2048, **_FROM_SCRATCH),
